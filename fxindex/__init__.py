@@ -1,0 +1,51 @@
+"""fxindex: model surgery for PyTorch through torch.fx.
+
+Trace a model, number its layers in execution order, replace the layer at an
+index and let the shape change propagate downstream, then benchmark the result.
+
+Example:
+    >>> import torch, fxindex
+    >>> model = fxindex.examples.SeedModel()
+    >>> inputs = fxindex.examples.seed_inputs()
+    >>> layers = fxindex.index(model, inputs)
+    >>> layers[4].target
+    'nested.0'
+"""
+
+from __future__ import annotations
+
+from fxindex import examples
+from fxindex.errors import (
+    FxIndexError,
+    LayerIndexError,
+    LayerNameError,
+    PropagationError,
+    RecipeError,
+    ShapeMismatchError,
+    ShapesRequiredError,
+    TraceError,
+)
+from fxindex.index import LayerEntry, LayerIndex, index
+from fxindex.shapes import record_shapes
+from fxindex.table import table
+from fxindex.trace import trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FxIndexError",
+    "LayerEntry",
+    "LayerIndex",
+    "LayerIndexError",
+    "LayerNameError",
+    "PropagationError",
+    "RecipeError",
+    "ShapeMismatchError",
+    "ShapesRequiredError",
+    "TraceError",
+    "examples",
+    "index",
+    "record_shapes",
+    "table",
+    "trace",
+]

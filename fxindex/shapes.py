@@ -1,0 +1,174 @@
+"""Recording tensor shapes on fx nodes, with fake tensors when possible.
+
+Shapes follow torch.fx's ShapeProp convention: ``node.meta["tensor_meta"]`` is
+a ``torch.fx.passes.shape_prop.TensorMetadata`` (or a tuple/list of them for a
+node that returns several tensors).  fxindex computes them under a
+``FakeTensorMode``, so a large model costs no real arithmetic, and falls back
+to one real forward only where fake propagation fails (data-dependent ops).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
+
+from fxindex.errors import ShapeMismatchError
+
+__all__ = [
+    "TensorMetadata",
+    "tensor_meta",
+    "record_shapes",
+    "make_fake_mode",
+    "fake_tensor_like",
+    "preserving_buffers",
+]
+
+
+def tensor_meta(node: fx.Node) -> TensorMetadata | None:
+    """Return the single-tensor metadata recorded on ``node``, or ``None``.
+
+    Nodes that return several tensors (an LSTM's tuple) have no single meta.
+    """
+    meta = node.meta.get("tensor_meta")
+    return meta if isinstance(meta, TensorMetadata) else None
+
+
+def make_fake_mode() -> FakeTensorMode:
+    """A fake mode in which real parameters may meet fake activations.
+
+    ``allow_non_fake_inputs`` lets modules keep their real weights: nothing is
+    copied, and only metadata is computed.
+    """
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def fake_tensor_like(meta: TensorMetadata, mode: FakeTensorMode) -> torch.Tensor:
+    """A fake tensor with ``meta``'s shape, dtype and memory format."""
+    with mode:
+        tensor = torch.empty(meta.shape, dtype=meta.dtype)
+        if meta.memory_format is not None and meta.memory_format != torch.contiguous_format:
+            tensor = tensor.contiguous(memory_format=meta.memory_format)
+        return tensor
+
+
+@contextlib.contextmanager
+def preserving_buffers(module: nn.Module) -> Iterator[None]:
+    """Undo any in-place update of ``module``'s buffers made inside the block.
+
+    A shape pass must not count as a training step: BatchNorm in training mode
+    bumps ``num_batches_tracked`` even under fake tensors. Buffers are small, so
+    a copy is cheap; only the ones whose version changed are written back.
+    """
+    saved = [(buffer, buffer._version, buffer.detach().clone()) for buffer in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, version, copy in saved:
+                if buffer._version != version:
+                    buffer.copy_(copy)
+
+
+def _to_meta(value: Any) -> Any:
+    return _extract_tensor_metadata(value) if isinstance(value, torch.Tensor) else value
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """An Interpreter that writes each node's ``tensor_meta`` as it runs."""
+
+    def __init__(self, module: fx.GraphModule, metas: dict[fx.Node, Any]):
+        super().__init__(module, garbage_collect_values=True)
+        self.metas = metas
+        self.failed_node: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception:
+            if self.failed_node is None:
+                self.failed_node = n
+            raise
+        found_tensor = False
+
+        def extract(value: Any) -> Any:
+            nonlocal found_tensor
+            if isinstance(value, torch.Tensor):
+                found_tensor = True
+            return _to_meta(value)
+
+        meta = map_aggregate(result, extract)
+        if found_tensor:
+            self.metas[n] = meta
+        return result
+
+
+def _describe_inputs(example_inputs: tuple[Any, ...]) -> str:
+    parts = [
+        f"Tensor{list(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
+        for value in example_inputs
+    ]
+    return "(" + ", ".join(parts) + ")"
+
+
+def record_shapes(graph_module: fx.GraphModule, example_inputs: tuple[Any, ...]) -> None:
+    """Run ``graph_module`` on ``example_inputs`` and record every node's shape.
+
+    Fake tensors are tried first; a real forward (without autograd, with
+    buffers restored afterwards) is the fallback.
+
+    Args:
+        graph_module: the traced module; only its nodes' ``meta`` change.
+        example_inputs: a tuple of example inputs, one per placeholder.
+
+    Raises:
+        TypeError: ``example_inputs`` is not a tuple.
+        ShapeMismatchError: the inputs do not fit the model; names the node
+            that failed and the inputs given.
+
+    Example:
+        >>> import torch, fxindex
+        >>> gm = torch.fx.symbolic_trace(torch.nn.Linear(3, 5))
+        >>> fxindex.record_shapes(gm, (torch.randn(7, 3),))
+        >>> [tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes]
+        [(7, 3), (7, 5), (7, 5)]
+    """
+    if not isinstance(example_inputs, tuple):
+        raise TypeError(
+            f"example_inputs must be a tuple of inputs, got {type(example_inputs).__name__}; "
+            "write (x,) for a single input"
+        )
+    metas: dict[fx.Node, Any] = {}
+    with preserving_buffers(graph_module):
+        try:
+            mode = make_fake_mode()
+            fake_inputs = tuple(
+                mode.from_tensor(value) if isinstance(value, torch.Tensor) else value for value in example_inputs
+            )
+            with mode:
+                _ShapeRecorder(graph_module, metas).run(*fake_inputs)
+        except Exception:
+            # Data-dependent ops (.item(), nonzero) have no fake kernel: fall back to one real run.
+            metas.clear()
+            recorder = _ShapeRecorder(graph_module, metas)
+            try:
+                with torch.no_grad():
+                    recorder.run(*example_inputs)
+            except Exception as error:
+                node = recorder.failed_node
+                where = f"node '{node.name}' ({node.format_node()})" if node is not None else "the model"
+                raise ShapeMismatchError(
+                    f"example_inputs {_describe_inputs(example_inputs)} do not fit the model: "
+                    f"{where} failed with {type(error).__name__}: {error}"
+                ) from error
+    for node in graph_module.graph.nodes:
+        if node in metas:
+            node.meta["tensor_meta"] = metas[node]
+        else:
+            node.meta.pop("tensor_meta", None)
