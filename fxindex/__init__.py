@@ -24,8 +24,12 @@ from fxindex.errors import (
     ShapeMismatchError,
     ShapesRequiredError,
     TraceError,
+    EditError,
 )
 from fxindex.index import LayerEntry, LayerIndex, index
+from fxindex.plan import Plan, PlannedEdit
+from fxindex.replace import insert, plan, remove, replace
+from fxindex.rules import register_rule
 from fxindex.shapes import record_shapes
 from fxindex.table import table
 from fxindex.trace import trace
@@ -33,11 +37,14 @@ from fxindex.trace import trace
 __version__ = "0.1.0"
 
 __all__ = [
+    "EditError",
     "FxIndexError",
     "LayerEntry",
     "LayerIndex",
     "LayerIndexError",
     "LayerNameError",
+    "Plan",
+    "PlannedEdit",
     "PropagationError",
     "RecipeError",
     "ShapeMismatchError",
@@ -45,7 +52,12 @@ __all__ = [
     "TraceError",
     "examples",
     "index",
+    "insert",
+    "plan",
     "record_shapes",
+    "register_rule",
+    "remove",
+    "replace",
     "table",
     "trace",
 ]

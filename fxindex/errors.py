@@ -18,6 +18,7 @@ __all__ = [
     "ShapesRequiredError",
     "PropagationError",
     "RecipeError",
+    "EditError",
 ]
 
 
@@ -74,3 +75,7 @@ class PropagationError(FxIndexError):
 
 class RecipeError(FxIndexError, ValueError):
     """An edit recipe cannot be written, read or replayed."""
+
+
+class EditError(FxIndexError, ValueError):
+    """An edit's arguments do not fit the layer (``keep=`` indices, a missing layer...)."""

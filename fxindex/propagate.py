@@ -1,0 +1,422 @@
+"""The propagation pass: from replaced layers, carry a shape change through the graph.
+
+The pass reads the graph and never writes it. It walks the nodes in graph
+(topological) order from the first replaced layer; every node that reads a
+changed tensor asks its rule (see :mod:`fxindex.rules`) how to adapt. When
+shapes are known, each touched node is also re-run on fake tensors with its
+new module or arguments, which both checks the rebuilt graph and yields the
+new shapes; nodes that read nothing changed are never run. The result is a
+:class:`~fxindex.plan.Plan` that ``apply_plan`` installs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from fxindex.errors import EditError, PropagationError, ShapeMismatchError, ShapesRequiredError
+from fxindex.plan import Plan, PlannedEdit
+from fxindex.rules import ChannelChange, Outcome, Step, find_rule, find_widths
+from fxindex.rules.registry import describe_target
+from fxindex.shapes import TensorMetadata, fake_tensor_like, make_fake_mode, preserving_buffers, tensor_meta
+
+__all__ = ["build_plan", "Target"]
+
+
+class Target:
+    """One call site to replace, with what replaces it.
+
+    Attributes:
+        node: the ``call_module`` node.
+        module: the new layer (``nn.Identity()`` for a removal).
+        keep: old output slots kept, in their new order (``None``: the first ones).
+        label: how errors name the layer (``"layer 4 ('nested.0')"``).
+        action: ``"replace"`` or ``"remove"``.
+    """
+
+    def __init__(self, node: fx.Node, module: nn.Module, keep: Sequence[int] | None, label: str, action: str = "replace"):
+        self.node = node
+        self.module = module
+        self.keep = keep
+        self.label = label
+        self.action = action
+
+
+def _shape_text(meta: Any) -> str:
+    if isinstance(meta, TensorMetadata):
+        return "x".join(map(str, meta.shape)) or "scalar"
+    if isinstance(meta, (tuple, list)):
+        return "(" + ", ".join(_shape_text(item) for item in meta) + ")"
+    return "?"
+
+
+def _shapes_of(meta: Any) -> Any:
+    if isinstance(meta, TensorMetadata):
+        return tuple(meta.shape)
+    if isinstance(meta, (tuple, list)):
+        return tuple(_shapes_of(item) for item in meta)
+    return None
+
+
+def _short(module: nn.Module | None) -> str:
+    text = repr(module)
+    return text if "\n" not in text else f"{type(module).__name__}(...)"
+
+
+def _slots(keep: Sequence[int] | None, old_size: int, new_size: int, label: str) -> tuple[int | None, ...]:
+    """The mapping of new output slots to old ones, from ``keep`` or by position."""
+    if keep is None:
+        return tuple(j if j < old_size else None for j in range(new_size))
+    keep = list(keep)
+    if not all(isinstance(slot, int) and not isinstance(slot, bool) for slot in keep):
+        raise EditError(f"{label}: keep= must hold int channel indices, got {keep!r}")
+    bad = [slot for slot in keep if not 0 <= slot < old_size]
+    if bad:
+        raise EditError(f"{label}: keep= indices {bad} are out of range: the old layer has {old_size} outputs (0..{old_size - 1})")
+    if len(set(keep)) != len(keep):
+        duplicates = sorted({slot for slot in keep if keep.count(slot) > 1})
+        raise EditError(f"{label}: keep= repeats indices {duplicates}: each old channel can be kept once")
+    if len(keep) > new_size:
+        raise EditError(f"{label}: keep= names {len(keep)} channels but the new layer has only {new_size} outputs")
+    return tuple(keep) + (None,) * (new_size - len(keep))
+
+
+class _Planner:
+    def __init__(self, graph_module: fx.GraphModule, targets: list[Target], propagate: bool):
+        self.graph_module = graph_module
+        self.targets = {target.node: target for target in targets}
+        self.propagate = propagate
+        self.modules = dict(graph_module.named_modules())
+        placeholders = [node for node in graph_module.graph.nodes if node.op == "placeholder"]
+        self.has_shapes = bool(placeholders) and all("tensor_meta" in node.meta for node in placeholders)
+        self.mode = make_fake_mode() if self.has_shapes else None
+        self.values: dict[fx.Node, Any] = {}
+        self.changes: dict[fx.Node, ChannelChange] = {}
+        self.dirty: set[fx.Node] = set()
+        self.new_metas: dict[fx.Node, Any] = {}
+        self.plan = Plan(edits=[])
+
+    # -- values for the fake re-run ---------------------------------------------------------
+    def value_of(self, node: fx.Node) -> Any:
+        """The (fake) value of ``node`` after the edit."""
+        if node in self.values:
+            return self.values[node]
+        assert self.mode is not None
+        meta = node.meta.get("tensor_meta")
+        if meta is not None:
+            value = self.fake_from_meta(meta)
+        elif node.op == "get_attr":
+            value = _fetch_attr(self.graph_module, node.target)
+        elif node.op == "placeholder":
+            raise ShapesRequiredError(f"placeholder '{node.name}' has no recorded shape; pass example_inputs=(...)")
+        else:
+            # A non-tensor value (x.size(0)) of an unchanged node: compute it from its inputs.
+            value = self.run(node, None, node.args, node.kwargs)
+        self.values[node] = value
+        return value
+
+    def fake_from_meta(self, meta: Any) -> Any:
+        # Not map_aggregate: TensorMetadata is itself a NamedTuple and would be taken apart.
+        if isinstance(meta, TensorMetadata):
+            return fake_tensor_like(meta, self.mode)
+        if isinstance(meta, (tuple, list)):
+            return type(meta)(self.fake_from_meta(item) for item in meta)
+        return meta
+
+    def run(self, node: fx.Node, module: nn.Module | None, args: Any, kwargs: Any) -> Any:
+        """Run one node on fake values, with ``module``/``args`` standing in for the old ones."""
+        assert self.mode is not None
+        args = map_aggregate(args, lambda a: self.value_of(a) if isinstance(a, fx.Node) else a)
+        kwargs = map_aggregate(kwargs, lambda a: self.value_of(a) if isinstance(a, fx.Node) else a)
+        with self.mode:
+            if node.op == "call_module":
+                return module(*args, **kwargs)
+            if node.op == "call_function":
+                return node.target(*args, **kwargs)
+            if node.op == "call_method":
+                receiver, *rest = args
+                return getattr(receiver, node.target)(*rest, **kwargs)
+            if node.op == "get_attr":
+                return _fetch_attr(self.graph_module, node.target)
+        raise AssertionError(f"unexpected op {node.op}")
+
+    # -- the walk ---------------------------------------------------------------------------
+    def build(self) -> Plan:
+        nodes = list(self.graph_module.graph.nodes)
+        start = min(nodes.index(node) for node in self.targets)
+        with preserving_buffers(self.graph_module):
+            for node in nodes[start:]:
+                self.visit(node)
+        self.plan.new_metas = {node.name: meta for node, meta in self.new_metas.items()}
+        return self.plan
+
+    def visit(self, node: fx.Node) -> None:
+        target = self.targets.get(node)
+        dirty_inputs = [arg for arg in node.all_input_nodes if arg in self.dirty]
+        if target is None and not dirty_inputs:
+            return
+        if node.op == "output":
+            for arg in dirty_inputs:
+                if arg in self.changes:
+                    self.plan.output_changes.append(f"'{arg.name}' {self.changes[arg].describe()}")
+            return
+        old_module = self.modules.get(node.target) if node.op == "call_module" else None
+        if target is not None:
+            self.visit_target(node, target, old_module)
+            return
+        tensor_changes = {arg: self.changes[arg] for arg in dirty_inputs if arg in self.changes}
+        outcome = Outcome(output=None)
+        if tensor_changes and self.propagate:
+            rule = find_rule(node, old_module)
+            if rule is None:
+                changed = ", ".join(f"'{arg.name}' ({change.describe()})" for arg, change in tensor_changes.items())
+                raise PropagationError(
+                    f"no rule for node '{node.name}' ({describe_target(node)}), which reads changed input {changed}; "
+                    "teach fxindex this op with @fxindex.register_rule(<module type, function or method name>)",
+                    node.name,
+                )
+            step = Step(node, old_module, tensor_changes, {arg: self.new_metas[arg] for arg in tensor_changes if arg in self.new_metas})
+            outcome = rule(step)
+        module = outcome.module if outcome.module is not None else old_module
+        args = outcome.args if outcome.args is not None else node.args
+        kwargs = outcome.kwargs if outcome.kwargs is not None else node.kwargs
+        new_meta = None
+        if self.mode is not None:
+            try:
+                result = self.run(node, module, args, kwargs)
+            except Exception as error:
+                hint = "" if self.propagate else " (propagate=False leaves downstream layers as they were)"
+                raise PropagationError(
+                    f"node '{node.name}' ({describe_target(node)}) fails on its new input{hint}: "
+                    f"{type(error).__name__}: {error}",
+                    node.name,
+                ) from error
+            self.values[node] = result
+            new_meta = _meta_of(result)
+            self.check_shape(node, new_meta, outcome.output)
+        if outcome.output is not None:
+            self.changes[node] = outcome.output
+            self.new_metas[node] = new_meta
+            self.dirty.add(node)
+        elif new_meta is None and self.mode is not None:
+            # A Python value (x.size(1)) may differ now: its users are re-run and checked.
+            self.dirty.add(node)
+        if not outcome.preserves_function:
+            self.plan.breaks_function.append((node.name, outcome.reason))
+        if tensor_changes:
+            self.record(node, old_module, outcome)
+
+    def check_shape(self, node: fx.Node, new_meta: Any, change: ChannelChange | None) -> None:
+        """The re-run's shape must be the old one with the rule's change applied."""
+        old_meta = node.meta.get("tensor_meta")
+        if old_meta is None:
+            return
+        expected = _shapes_of(old_meta)
+        if change is not None and isinstance(old_meta, TensorMetadata):
+            shape = list(old_meta.shape)
+            shape[change.dim % len(shape)] = change.new_size
+            expected = tuple(shape)
+        actual = _shapes_of(new_meta)
+        if actual != expected:
+            what = "the rule predicted" if change is not None else "it had before (no rule describes a change here)"
+            raise PropagationError(
+                f"node '{node.name}' ({describe_target(node)}) now produces {_shape_text(new_meta)}, not the "
+                f"{_shape_text_from(expected)} {what}",
+                node.name,
+            )
+
+    def visit_target(self, node: fx.Node, target: Target, old_module: nn.Module | None) -> None:
+        new_module = target.module
+        input_changes = {arg: self.changes[arg] for arg in node.all_input_nodes if arg in self.changes}
+        if self.mode is not None:
+            inputs = ", ".join(
+                _shape_text(self.new_metas.get(arg, arg.meta.get("tensor_meta"))) for arg in node.all_input_nodes
+            )
+            try:
+                result = self.run(node, new_module, node.args, node.kwargs)
+            except Exception as error:
+                raise ShapeMismatchError(
+                    f"{target.label}, node '{node.name}': the new layer {_short(new_module)} cannot read the input "
+                    f"that {_short(old_module)} read ({inputs}): {type(error).__name__}: {error}"
+                ) from error
+            self.values[node] = result
+            new_meta = _meta_of(result)
+            change = self.target_change_from_shapes(node, target, new_meta)
+        else:
+            new_meta = None
+            change = self.target_change_from_widths(node, target, old_module, input_changes)
+        if change is not None:
+            self.changes[node] = change
+            self.new_metas[node] = new_meta
+            self.dirty.add(node)
+        elif new_meta is None and self.mode is not None:
+            self.dirty.add(node)
+        self.plan.edits.append(
+            PlannedEdit(
+                node=node.name,
+                target=str(node.target),
+                action=target.action,
+                old=_short(old_module),
+                new=_short(new_module) if target.action == "replace" else "(input passed through)",
+                weights="caller's layer" if target.action == "replace" else "removed",
+                output_change=change.describe() if change else "same shape",
+                module=new_module,
+            )
+        )
+
+    def target_change_from_shapes(self, node: fx.Node, target: Target, new_meta: Any) -> ChannelChange | None:
+        old_meta = node.meta.get("tensor_meta")
+        if not isinstance(old_meta, TensorMetadata) or not isinstance(new_meta, TensorMetadata):
+            if _shapes_of(old_meta) != _shapes_of(new_meta):
+                raise PropagationError(
+                    f"{target.label}: the new layer returns {_shape_text(new_meta)} where the old one returned "
+                    f"{_shape_text(old_meta)}; fxindex propagates a change of one tensor's size",
+                    node.name,
+                )
+            if target.keep is not None:
+                raise EditError(f"{target.label}: keep= needs a layer that returns one tensor")
+            return None
+        old_shape, new_shape = tuple(old_meta.shape), tuple(new_meta.shape)
+        if len(old_shape) != len(new_shape):
+            raise PropagationError(
+                f"{target.label}: the new layer returns rank {len(new_shape)} ({_shape_text(new_meta)}) where the old "
+                f"one returned rank {len(old_shape)} ({_shape_text(old_meta)})",
+                node.name,
+            )
+        differing = [d for d, (a, b) in enumerate(zip(old_shape, new_shape)) if a != b]
+        if len(differing) > 1:
+            raise PropagationError(
+                f"{target.label}: the new layer changes dimensions {differing} ({_shape_text(old_meta)} -> "
+                f"{_shape_text(new_meta)}); fxindex propagates a change of one dimension (channels or features)",
+                node.name,
+            )
+        if not differing:
+            if target.keep is None:
+                return None
+            # Same width, reordered by keep=: the layer's own output dimension says which one.
+            widths = find_widths(target.module)
+            dim = widths.out_dim % len(old_shape) if widths else min(1, len(old_shape) - 1)
+        else:
+            dim = differing[0]
+        mapping = _slots(target.keep, old_shape[dim], new_shape[dim], target.label)
+        return ChannelChange(dim, len(old_shape), old_shape[dim], mapping)
+
+    def target_change_from_widths(
+        self,
+        node: fx.Node,
+        target: Target,
+        old_module: nn.Module | None,
+        input_changes: dict[fx.Node, ChannelChange],
+    ) -> ChannelChange | None:
+        """Without shapes: compare the registered widths of the old and new layer."""
+        old = find_widths(old_module) if old_module is not None else None
+        new = find_widths(target.module)
+        preserving = find_rule(node, target.module) is not None and new is None
+        if old is not None and new is not None and new.in_size is not None:
+            expected = next(iter(input_changes.values())).new_size if input_changes else old.in_size
+            if expected is not None and new.in_size != expected:
+                raise ShapeMismatchError(
+                    f"{target.label}, node '{node.name}': the new layer {_short(target.module)} reads {new.in_size} "
+                    f"features on dim {new.in_dim}, but its input has {expected} (the old layer "
+                    f"{_short(old_module)} read {old.in_size})"
+                )
+        if input_changes and (new is None or new.out_size is None):
+            change = next(iter(input_changes.values()))
+            return change if preserving else self._shapes_needed(target)
+        if old is not None and new is not None and old.out_size is not None and new.out_size is not None:
+            if old.out_size == new.out_size and target.keep is None:
+                return None
+            mapping = _slots(target.keep, old.out_size, new.out_size, target.label)
+            return ChannelChange(new.out_dim, None, old.out_size, mapping)
+        if preserving and (old is None or old.out_size is None) and target.keep is None:
+            return None
+        return self._shapes_needed(target)
+
+    def _shapes_needed(self, target: Target) -> ChannelChange:
+        raise ShapesRequiredError(
+            f"{target.label}: fxindex cannot tell from module attributes whether {_short(target.module)} changes "
+            "the output shape; pass example_inputs=(...) so shapes can be computed"
+        )
+
+    def record(self, node: fx.Node, old_module: nn.Module | None, outcome: Outcome) -> None:
+        if outcome.module is not None:
+            action, old, new = "rebuild", _short(old_module), _short(outcome.module)
+        elif outcome.args is not None or outcome.kwargs is not None:
+            action = "rewrite"
+            old = _arguments_text(node.args, node.kwargs)
+            new = _arguments_text(
+                outcome.args if outcome.args is not None else node.args,
+                outcome.kwargs if outcome.kwargs is not None else node.kwargs,
+            )
+        else:
+            action, old, new = "pass", describe_target(node), ""
+        self.plan.edits.append(
+            PlannedEdit(
+                node=node.name,
+                target=str(node.target) if node.op == "call_module" else describe_target(node),
+                action=action,
+                old=old,
+                new=new,
+                weights=outcome.weights,
+                output_change=outcome.output.describe() if outcome.output else "absorbed",
+                module=outcome.module,
+                args=outcome.args,
+                kwargs=outcome.kwargs,
+            )
+        )
+
+
+def _fetch_attr(graph_module: fx.GraphModule, target: str) -> Any:
+    value: Any = graph_module
+    for atom in target.split("."):
+        value = getattr(value, atom)
+    return value
+
+
+def _meta_of(result: Any) -> Any:
+    found = False
+
+    def extract(value: Any) -> Any:
+        nonlocal found
+        if isinstance(value, torch.Tensor):
+            found = True
+            return _extract_tensor_metadata(value)
+        return value
+
+    meta = map_aggregate(result, extract)
+    return meta if found else None
+
+
+def _shape_text_from(shape: Any) -> str:
+    if shape is None:
+        return "?"
+    if shape and all(isinstance(part, tuple) for part in shape):
+        return "(" + ", ".join(_shape_text_from(part) for part in shape) + ")"
+    return "x".join(map(str, shape))
+
+
+def _arguments_text(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    parts = [arg.name if isinstance(arg, fx.Node) else repr(arg) for arg in args[1:]]
+    parts += [f"{key}={value!r}" for key, value in kwargs.items()]
+    return "(" + ", ".join(parts) + ")"
+
+
+def build_plan(graph_module: fx.GraphModule, targets: list[Target], *, propagate: bool = True) -> Plan:
+    """Compute the plan of a replacement without modifying ``graph_module``.
+
+    Args:
+        graph_module: the traced model (read only; buffers restored if a
+            fake run touched them).
+        targets: the call sites to replace.
+        propagate: when False, downstream layers are kept as they are and
+            must still accept the new shapes.
+
+    Returns:
+        The :class:`Plan`.
+    """
+    return _Planner(graph_module, targets, propagate).build()

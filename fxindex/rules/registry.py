@@ -1,0 +1,357 @@
+"""The rule registry: how a shape change travels through one kind of node.
+
+A rule is a small function registered for module types (looked up along the
+class's MRO, so subclasses inherit it), for functions (``torch.flatten``,
+``operator.add``) or for method names (``"view"``). When the output of a node
+changes size along one dimension, the replace pass calls the rule of each user
+of that node with a :class:`Step`; the rule answers with an :class:`Outcome`:
+the rebuilt module or rewritten arguments, and the change of the node's own
+output (or ``None`` when the change is absorbed there).
+
+Adding support for a layer type is one decorated function in the file of its
+family::
+
+    @register_rule(MyGatedLinear)
+    def propagate_gated_linear(step: Step) -> Outcome:
+        change = step.input_change()
+        ...
+
+A separate, smaller registry, :func:`register_widths`, says which dimension a
+layer reads and writes and how wide: it lets replace work on Linear and Conv
+chains from module attributes alone when no shapes were recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from fxindex.errors import PropagationError, ShapesRequiredError
+from fxindex.shapes import TensorMetadata, tensor_meta
+
+__all__ = [
+    "ChannelChange",
+    "Step",
+    "Outcome",
+    "Widths",
+    "register_rule",
+    "register_widths",
+    "find_rule",
+    "find_widths",
+    "rule_key",
+    "describe_target",
+]
+
+Mapping = tuple[int | None, ...]
+
+
+@dataclass(frozen=True)
+class ChannelChange:
+    """One dimension of a tensor changed size, with a slot correspondence.
+
+    Attributes:
+        dim: the changed dimension; non-negative when the rank is known,
+            otherwise as the producing layer states it (``-1`` for Linear,
+            ``1`` for convolutions).
+        rank: the tensor's rank, when known.
+        old_size: the size of ``dim`` before the edit.
+        mapping: for each new position along ``dim``, the old position whose
+            values it carries, or ``None`` for a new slot.
+    """
+
+    dim: int
+    rank: int | None
+    old_size: int
+    mapping: Mapping
+
+    @property
+    def new_size(self) -> int:
+        return len(self.mapping)
+
+    @property
+    def kept(self) -> int:
+        """How many new slots carry an old slot."""
+        return sum(slot is not None for slot in self.mapping)
+
+    def reads(self, dim: int, rank: int | None = None) -> bool:
+        """Whether ``dim`` (of a tensor of rank ``rank`` or this change's) is the changed one."""
+        rank = self.rank if self.rank is not None else rank
+        if rank is not None:
+            return dim % rank == self.dim % rank
+        return dim == self.dim
+
+    def moved_to(self, dim: int, rank: int | None) -> ChannelChange:
+        """The same slots, now along ``dim`` of a tensor of rank ``rank``."""
+        return ChannelChange(dim % rank if rank else dim, rank, self.old_size, self.mapping)
+
+    def describe(self) -> str:
+        return f"dim {self.dim}: {self.old_size} -> {self.new_size}"
+
+
+@dataclass
+class Outcome:
+    """What a rule decided for one node.
+
+    Attributes:
+        output: the change of the node's output, or ``None`` when absorbed.
+        module: a rebuilt module to call at this site instead of the old one.
+        args: rewritten positional arguments (``None`` keeps them).
+        kwargs: rewritten keyword arguments (``None`` keeps them).
+        weights: a short account of which weights were kept, sliced or new.
+        preserves_function: ``False`` when new channels alter values of old
+            ones here (LayerNorm, GroupNorm, softmax across the changed dim).
+        reason: why the function is not preserved, when it is not.
+    """
+
+    output: ChannelChange | None
+    module: nn.Module | None = None
+    args: tuple[Any, ...] | None = None
+    kwargs: dict[str, Any] | None = None
+    weights: str = ""
+    preserves_function: bool = True
+    reason: str = ""
+
+
+@dataclass
+class Step:
+    """What a rule sees: one node whose tensor inputs changed.
+
+    Attributes:
+        node: the node to adapt.
+        module: the called module for ``call_module`` nodes, else ``None``.
+        changes: the changes of this node's changed input nodes.
+        new_metas: metadata of inputs after the edit (changed inputs only),
+            when shapes are known.
+    """
+
+    node: fx.Node
+    module: nn.Module | None
+    changes: dict[fx.Node, ChannelChange]
+    new_metas: dict[fx.Node, TensorMetadata] = field(default_factory=dict)
+
+    def input_change(self, argument: Any | None = None) -> ChannelChange:
+        """The change of ``argument`` (default: the node's first argument).
+
+        Raises:
+            PropagationError: that argument did not change while another one
+                did (the rule only knows how to follow its first input).
+        """
+        if argument is None:
+            argument = self.node.args[0] if self.node.args else None
+        if isinstance(argument, fx.Node) and argument in self.changes:
+            return self.changes[argument]
+        changed = ", ".join(f"'{n.name}'" for n in self.changes)
+        raise PropagationError(
+            f"node '{self.node.name}' ({describe_target(self.node)}) changed through input {changed}, "
+            f"which this rule does not follow; register a rule for it with fxindex.register_rule",
+            self.node.name,
+        )
+
+    def old_meta(self, node: Any) -> TensorMetadata | None:
+        """The recorded metadata of ``node`` before the edit."""
+        return tensor_meta(node) if isinstance(node, fx.Node) else None
+
+    def old_shape(self, node: Any, *, needed_for: str) -> tuple[int, ...]:
+        """The recorded shape of ``node`` before the edit; asks for shapes when missing."""
+        meta = self.old_meta(node)
+        if meta is None:
+            raise ShapesRequiredError(
+                f"node '{self.node.name}' ({describe_target(self.node)}) needs tensor shapes to {needed_for}: "
+                "pass example_inputs=(...) to replace/plan, or trace with example_inputs"
+            )
+        return tuple(meta.shape)
+
+    def rank(self, node: Any) -> int | None:
+        meta = self.old_meta(node)
+        return len(meta.shape) if meta is not None else None
+
+    def fail(self, message: str) -> PropagationError:
+        """A PropagationError about this node (to raise)."""
+        return PropagationError(
+            f"cannot propagate through node '{self.node.name}' ({describe_target(self.node)}): {message}",
+            self.node.name,
+        )
+
+
+@dataclass(frozen=True)
+class Widths:
+    """Which dimension a layer reads and writes, and how wide (from attributes alone).
+
+    ``None`` for ``in_size`` / ``out_size`` means the layer preserves the
+    width of its input (activations, normalisation).
+    """
+
+    in_dim: int
+    in_size: int | None
+    out_dim: int
+    out_size: int | None
+
+
+Rule = Callable[[Step], Outcome]
+RuleKey = type | Callable[..., Any] | str
+
+_RULES: dict[Any, Rule] = {}
+_WIDTHS: dict[type, Callable[[nn.Module], Widths]] = {}
+
+
+def _key_name(key: Any) -> str:
+    if isinstance(key, str):
+        return f"method '.{key}()'"
+    return getattr(key, "__qualname__", None) or repr(key)
+
+
+def register_rule(*keys: RuleKey, replace: bool = False) -> Callable[[Rule], Rule]:
+    """Register a propagation rule for module types, functions or method names.
+
+    Args:
+        *keys: ``nn.Module`` subclasses (matched along the MRO), callables such
+            as ``torch.flatten`` or ``operator.add`` (``call_function`` nodes),
+            or strings naming tensor methods (``"view"``; ``call_method`` nodes).
+        replace: allow overriding an existing rule (refused by default, so two
+            rules never silently compete).
+
+    Returns:
+        A decorator that registers the function and returns it unchanged.
+
+    Example:
+        >>> import torch, fxindex
+        >>> from fxindex.rules import Outcome, Step
+        >>> class Scale(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x * 2
+        >>> @fxindex.register_rule(Scale)
+        ... def propagate_scale(step: Step) -> Outcome:
+        ...     return Outcome(output=step.input_change())
+    """
+    if not keys:
+        raise TypeError("register_rule needs at least one module type, function or method name")
+
+    def decorate(rule: Rule) -> Rule:
+        for key in keys:
+            if not (isinstance(key, str) or callable(key)):
+                raise TypeError(f"a rule key is a module type, a function or a method name, got {key!r}")
+            if key in _RULES and not replace:
+                raise ValueError(
+                    f"a rule for {_key_name(key)} is already registered ({_RULES[key].__name__}); "
+                    "pass replace=True to override it"
+                )
+            _RULES[key] = rule
+        return rule
+
+    return decorate
+
+
+def register_widths(*module_types: type[nn.Module]) -> Callable[[Callable[[Any], Widths]], Callable[[Any], Widths]]:
+    """Register how to read a layer's input and output widths from its attributes."""
+
+    def decorate(function: Callable[[Any], Widths]) -> Callable[[Any], Widths]:
+        for module_type in module_types:
+            if module_type in _WIDTHS:
+                raise ValueError(f"widths for {module_type.__qualname__} are already registered")
+            _WIDTHS[module_type] = function
+        return function
+
+    return decorate
+
+
+def rule_key(node: fx.Node, module: nn.Module | None) -> Any:
+    """The object a node's rule is registered under (its module's type, function or method name)."""
+    if node.op == "call_module":
+        return type(module)
+    return node.target
+
+
+def find_rule(node: fx.Node, module: nn.Module | None) -> Rule | None:
+    """The rule for ``node``: by the module's MRO, the function, or the method name."""
+    if node.op == "call_module":
+        for cls in type(module).__mro__:
+            if cls in _RULES:
+                return _RULES[cls]
+        return None
+    if node.op in ("call_function", "call_method"):
+        try:
+            return _RULES.get(node.target)
+        except TypeError:  # an unhashable target
+            return None
+    return None
+
+
+def find_widths(module: nn.Module) -> Widths | None:
+    """The registered widths of ``module`` (along its MRO), or ``None``."""
+    for cls in type(module).__mro__:
+        if cls in _WIDTHS:
+            return _WIDTHS[cls](module)
+    return None
+
+
+def describe_target(node: fx.Node) -> str:
+    """A short human name of what a node does: ``Conv2d``, ``torch.flatten``, ``.view()``."""
+    if node.op == "call_module":
+        return f"call_module {node.target}"
+    if node.op == "call_method":
+        return f".{node.target}()"
+    if node.op == "call_function":
+        target = node.target
+        module = getattr(target, "__module__", None) or ""
+        name = getattr(target, "__name__", repr(target))
+        if module in ("_operator", "operator"):
+            return f"operator.{name}"
+        if module.startswith("torch"):
+            return f"{'torch.nn.functional' if module == 'torch.nn.functional' else 'torch'}.{name}"
+        return f"{module}.{name}" if module else name
+    return node.op
+
+
+def argument(node: fx.Node, position: int, name: str, default: Any = None) -> Any:
+    """The value of an argument given by position or keyword."""
+    if len(node.args) > position:
+        return node.args[position]
+    return node.kwargs.get(name, default)
+
+
+def tensor_arguments(node: fx.Node) -> list[fx.Node]:
+    """The node's inputs that are fx nodes, flattened from lists and tuples."""
+    return list(node.all_input_nodes)
+
+
+def remap(tensor: torch.Tensor, dim: int, mapping: Sequence[int | None], fresh: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Rebuild ``tensor`` along ``dim``: new slot j takes old slot ``mapping[j]``.
+
+    Args:
+        tensor: the old weights.
+        dim: the dimension to remap.
+        mapping: old slot index per new slot, ``None`` for a new slot.
+        fresh: the value of new slots: a scalar, or a tensor of the new shape
+            (for example a freshly initialised weight).
+
+    Returns:
+        A new tensor (never a view of ``tensor``), same dtype and device.
+    """
+    shape = list(tensor.shape)
+    shape[dim] = len(mapping)
+    with torch.no_grad():
+        if isinstance(fresh, torch.Tensor):
+            result = fresh.detach().to(dtype=tensor.dtype, device=tensor.device).clone()
+        else:
+            result = torch.full(shape, fresh, dtype=tensor.dtype, device=tensor.device)
+        target = [j for j, slot in enumerate(mapping) if slot is not None]
+        if target:
+            source = torch.tensor([mapping[j] for j in target], dtype=torch.long, device=tensor.device)
+            result.index_copy_(dim, torch.tensor(target, dtype=torch.long, device=tensor.device), tensor.detach().index_select(dim, source))
+    return result
+
+
+def describe_slots(change: ChannelChange, what: str) -> str:
+    """``"16 of 21 in-features kept, 5 new (zero)"``-style account of a remap."""
+    new = change.new_size - change.kept
+    dropped = change.old_size - change.kept
+    parts = [f"{change.kept}/{change.new_size} {what} kept"]
+    if new:
+        parts.append(f"{new} new")
+    if dropped:
+        parts.append(f"{dropped} dropped")
+    return ", ".join(parts)
