@@ -337,7 +337,36 @@ def run_demo(args: argparse.Namespace) -> int:
         f"whatever the nesting (example input: {'x'.join(map(str, inputs[0].shape))}).",
         fxindex.table(layers, tablefmt=args.format),
     )
+    # The seed problem: widen conv1 from 16 to 21 channels although forward() hard-codes 16*26*26.
+    wider = _widened_copy(layers[0].module, 21)
+    steps = fxindex.plan(layers.graph_module, 0, wider)
+    _print_section(
+        "Plan: replace layer 0 (conv1) by Conv2d(3, 21, 3)",
+        "Its first 16 filters copy the old ones. The change travels to the hard-coded view and to linear1; "
+        "nothing is modified yet.",
+        steps.table(tablefmt=args.format),
+    )
+    rebuilt = fxindex.replace(layers.graph_module, 0, wider)
+    with torch.no_grad():
+        drift = (rebuilt(*inputs) - layers.graph_module(*inputs)).abs().max().item()
+    _print_section(
+        "Applied",
+        f"linear1 is now {rebuilt.get_submodule('linear1')}; the hard-coded view is now "
+        f"view{tuple(rebuilt.graph.find_nodes(op='call_method', target='view')[0].args[1:])}. "
+        f"Max output difference from the original model: {drift:.2e} (function-preserving widening).",
+        fxindex.table(rebuilt, inputs, tablefmt=args.format),
+    )
     return 0
+
+
+def _widened_copy(conv: torch.nn.Module, out_channels: int) -> torch.nn.Conv2d:
+    """A Conv2d like ``conv`` with more filters, the first ones copied."""
+    assert isinstance(conv, torch.nn.Conv2d)
+    wider = torch.nn.Conv2d(conv.in_channels, out_channels, conv.kernel_size, conv.stride, conv.padding)
+    with torch.no_grad():
+        wider.weight[: conv.out_channels] = conv.weight
+        wider.bias[: conv.out_channels] = conv.bias
+    return wider
 
 
 # --------------------------------------------------------------------------- main

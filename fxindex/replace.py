@@ -21,6 +21,7 @@ from fxindex.errors import FxIndexError
 from fxindex.index import LayerIndex, as_graph_module
 from fxindex.plan import Plan
 from fxindex.propagate import Target, build_plan
+from fxindex.recipe import describe_layer, record_edit
 
 __all__ = ["replace", "plan", "remove", "insert", "apply_plan"]
 
@@ -44,8 +45,12 @@ def _select(
     keep: Sequence[int] | Mapping[Selector, Sequence[int]] | None,
     all_sites: bool,
     caller: str,
-) -> list[Target]:
-    """Turn the caller's index/new_layer/keep into targets, all numbered on the original graph."""
+) -> tuple[list[Target], dict[str, Any]]:
+    """Turn the caller's index/new_layer/keep into targets, all numbered on the original graph.
+
+    Returns:
+        The targets, and the edit as recipe data.
+    """
     layers = LayerIndex(graph_module)
     if isinstance(index, Mapping):
         if new_layer is not None:
@@ -63,11 +68,13 @@ def _select(
         keep = {next(iter(choices)): keep}
     keeps = {layers.resolve(key): value for key, value in (keep or {}).items()}
     targets: dict[fx.Node, Target] = {}
+    recorded: list[dict[str, Any]] = []
     for key, layer in choices.items():
         position = layers.resolve(key)
         label = _label(layers, position)
         layer = _check_layer(layer, label)
         entry = layers[position]
+        recorded.append({"index": position, "target": entry.target, "layer": describe_layer(layer)})
         sites = layers.positions(entry.target) if all_sites else [position]
         for site in sites:
             node = layers[site].node
@@ -77,7 +84,13 @@ def _select(
     unknown_keeps = set(keeps) - {layers.resolve(key) for key in choices}
     if unknown_keeps:
         raise TypeError(f"{caller}: keep= names layers {sorted(unknown_keeps)} that are not being replaced")
-    return list(targets.values())
+    edit = {
+        "op": "replace",
+        "layers": recorded,
+        "keep": {str(position): [int(slot) for slot in value] for position, value in keeps.items()},
+        "all_sites": all_sites,
+    }
+    return list(targets.values()), edit
 
 
 def _short_type(value: Any) -> str:
@@ -203,7 +216,7 @@ def plan(
     """
     graph_module = _working_copy(model, example_inputs, inplace=True, caller="fxindex.plan")
     try:
-        targets = _select(graph_module, index, new_layer, keep, all_sites, "fxindex.plan")
+        targets, _ = _select(graph_module, index, new_layer, keep, all_sites, "fxindex.plan")
         return build_plan(graph_module, targets, propagate=propagate)
     except FxIndexError as error:
         raise _with_context(error, "fxindex.plan") from error.__cause__
@@ -271,11 +284,13 @@ def replace(
     """
     graph_module = _working_copy(model, example_inputs, inplace, caller="fxindex.replace")
     try:
-        targets = _select(graph_module, index, new_layer, keep, all_sites, "fxindex.replace")
+        targets, edit = _select(graph_module, index, new_layer, keep, all_sites, "fxindex.replace")
         planned = build_plan(graph_module, targets, propagate=propagate)
     except FxIndexError as error:
         raise _with_context(error, "fxindex.replace") from error.__cause__
-    return apply_plan(graph_module, planned)
+    apply_plan(graph_module, planned)
+    record_edit(graph_module, {**edit, "propagate": propagate})
+    return graph_module
 
 
 def remove(
@@ -308,7 +323,9 @@ def remove(
         planned = build_plan(graph_module, [target])
     except FxIndexError as error:
         raise _with_context(error, "fxindex.remove") from error.__cause__
-    return apply_plan(graph_module, planned)
+    apply_plan(graph_module, planned)
+    record_edit(graph_module, {"op": "remove", "index": position, "target": str(node.target)})
+    return graph_module
 
 
 def insert(
@@ -371,4 +388,9 @@ def insert(
         if isinstance(error, FxIndexError):
             raise _with_context(error, "fxindex.insert") from error.__cause__
         raise
-    return apply_plan(graph_module, planned)
+    apply_plan(graph_module, planned)
+    record_edit(
+        graph_module,
+        {"op": "insert", "index": position, "target": str(anchor.target), "after": after, "layer": describe_layer(new_layer)},
+    )
+    return graph_module

@@ -163,9 +163,11 @@ def record_shapes(graph_module: fx.GraphModule, example_inputs: tuple[Any, ...])
             except Exception as error:
                 node = recorder.failed_node
                 where = f"node '{node.name}' ({node.format_node()})" if node is not None else "the model"
+                # torch's first line says what is wrong; the rest is interpreter context.
+                reason = (str(error).strip().splitlines() or [""])[0]
                 raise ShapeMismatchError(
                     f"example_inputs {_describe_inputs(example_inputs)} do not fit the model: "
-                    f"{where} failed with {type(error).__name__}: {error}"
+                    f"{where} failed with {type(error).__name__}: {reason}"
                 ) from error
     for node in graph_module.graph.nodes:
         if node in metas:
