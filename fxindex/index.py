@@ -77,26 +77,34 @@ class LayerIndex(Sequence[LayerEntry]):
 
     def __init__(self, graph_module: fx.GraphModule):
         self._graph_module = graph_module
-        modules = dict(graph_module.named_modules())
-        nodes = [node for node in graph_module.graph.nodes if node.op == "call_module"]
+        self._modules = dict(graph_module.named_modules())
+        self._nodes = [node for node in graph_module.graph.nodes if node.op == "call_module"]
         sites: dict[str, list[int]] = {}
-        for position, node in enumerate(nodes):
+        for position, node in enumerate(self._nodes):
             sites.setdefault(node.target, []).append(position)
         self._sites = sites
-        self._entries = tuple(
-            LayerEntry(
+        # Entries are built on first access: selecting a layer to replace needs only the
+        # node list, and counting parameters of 10,000 layers would cost more than the edit.
+        self._entries: list[LayerEntry | None] = [None] * len(self._nodes)
+        self._position_of_node = {node: position for position, node in enumerate(self._nodes)}
+
+    def _entry(self, position: int) -> LayerEntry:
+        entry = self._entries[position]
+        if entry is None:
+            node = self._nodes[position]
+            module = self._modules[node.target]
+            entry = LayerEntry(
                 index=position,
                 target=node.target,
-                module=modules[node.target],
+                module=module,
                 node=node,
                 input_shape=_first_input_shape(node),
                 output_shape=_shape_of(node.meta.get("tensor_meta")),
-                num_parameters=count_parameters(modules[node.target]),
-                call_sites=len(sites[node.target]),
+                num_parameters=count_parameters(module),
+                call_sites=len(self._sites[node.target]),
             )
-            for position, node in enumerate(nodes)
-        )
-        self._position_of_node = {entry.node: entry.index for entry in self._entries}
+            self._entries[position] = entry
+        return entry
 
     @property
     def graph_module(self) -> fx.GraphModule:
@@ -104,10 +112,10 @@ class LayerIndex(Sequence[LayerEntry]):
         return self._graph_module
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._nodes)
 
     def __iter__(self) -> Iterator[LayerEntry]:
-        return iter(self._entries)
+        return (self._entry(position) for position in range(len(self._nodes)))
 
     @overload
     def __getitem__(self, key: int | str) -> LayerEntry: ...
@@ -117,8 +125,8 @@ class LayerIndex(Sequence[LayerEntry]):
 
     def __getitem__(self, key: int | str | slice) -> LayerEntry | tuple[LayerEntry, ...]:
         if isinstance(key, slice):
-            return self._entries[key]
-        return self._entries[self.resolve(key)]
+            return tuple(self._entry(position) for position in range(len(self._nodes))[key])
+        return self._entry(self.resolve(key))
 
     def resolve(self, key: int | str) -> int:
         """Turn an index (negative allowed) or a qualified name into a position.
@@ -132,7 +140,7 @@ class LayerIndex(Sequence[LayerEntry]):
             raise TypeError(f"a layer is selected by an int index or a qualified name, got {type(key).__name__}")
         if isinstance(key, str):
             return self.position(key)
-        count = len(self._entries)
+        count = len(self._nodes)
         if not -count <= key < count:
             valid = f"0..{count - 1} (or -{count}..-1)" if count else "none: the model has no call_module layers"
             raise LayerIndexError(f"layer index {key} is out of range: valid indices are {valid}")
@@ -150,6 +158,10 @@ class LayerIndex(Sequence[LayerEntry]):
             close = difflib.get_close_matches(name, list(self._sites), n=5)
             hint = f"; close matches: {', '.join(close)}" if close else ""
             raise LayerNameError(f"'{name}' is not the target of any call site{hint}") from None
+
+    def node(self, key: int | str) -> fx.Node:
+        """The ``call_module`` node of a layer (cheaper than ``self[key].node``)."""
+        return self._nodes[self.resolve(key)]
 
     def position_of_node(self, node: fx.Node) -> int:
         """Index of a ``call_module`` node of this graph."""
@@ -172,9 +184,11 @@ class LayerIndex(Sequence[LayerEntry]):
             [0, 2]
         """
         if isinstance(kind, type) or (isinstance(kind, tuple) and all(isinstance(k, type) for k in kind)):
-            return [entry.index for entry in self._entries if isinstance(entry.module, kind)]
+            return [
+                position for position, node in enumerate(self._nodes) if isinstance(self._modules[node.target], kind)
+            ]
         if callable(kind):
-            return [entry.index for entry in self._entries if kind(entry)]
+            return [entry.index for entry in self if kind(entry)]
         raise TypeError(f"find takes a module type, a tuple of types or a predicate, got {kind!r}")
 
     def __repr__(self) -> str:

@@ -21,7 +21,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from fxindex.errors import EditError, PropagationError, ShapeMismatchError, ShapesRequiredError
 from fxindex.plan import Plan, PlannedEdit
-from fxindex.rules import ChannelChange, Outcome, Step, find_rule, find_widths
+from fxindex.rules import ChannelChange, Outcome, Step, Widths, find_rule, find_widths
 from fxindex.rules.registry import describe_target
 from fxindex.shapes import TensorMetadata, fake_tensor_like, make_fake_mode, preserving_buffers, tensor_meta
 
@@ -37,14 +37,28 @@ class Target:
         keep: old output slots kept, in their new order (``None``: the first ones).
         label: how errors name the layer (``"layer 4 ('nested.0')"``).
         action: ``"replace"`` or ``"remove"``.
+        old_widths: widths of what is replaced, when known from context.
+        new_widths: widths of the new layer, when known from context.
     """
 
-    def __init__(self, node: fx.Node, module: nn.Module, keep: Sequence[int] | None, label: str, action: str = "replace"):
+    def __init__(
+        self,
+        node: fx.Node,
+        module: nn.Module,
+        keep: Sequence[int] | None,
+        label: str,
+        action: str = "replace",
+        old_widths: Widths | None = None,
+        new_widths: Widths | None = None,
+    ):
         self.node = node
         self.module = module
         self.keep = keep
         self.label = label
         self.action = action
+        # Widths known from context when the modules alone cannot tell (an inserted or removed identity).
+        self.old_widths = old_widths
+        self.new_widths = new_widths
 
 
 def _shape_text(meta: Any) -> str:
@@ -314,8 +328,8 @@ class _Planner:
         input_changes: dict[fx.Node, ChannelChange],
     ) -> ChannelChange | None:
         """Without shapes: compare the registered widths of the old and new layer."""
-        old = find_widths(old_module) if old_module is not None else None
-        new = find_widths(target.module)
+        old = target.old_widths or (find_widths(old_module) if old_module is not None else None)
+        new = target.new_widths or find_widths(target.module)
         preserving = find_rule(node, target.module) is not None and new is None
         if old is not None and new is not None and new.in_size is not None:
             expected = next(iter(input_changes.values())).new_size if input_changes else old.in_size

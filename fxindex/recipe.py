@@ -1,28 +1,71 @@
 """Edits as data: every fxindex edit is recorded on the GraphModule it produced.
 
 ``graph_module.meta["fxindex_recipe"]`` holds one JSON-able dict per edit,
-in order, so the edits can be replayed on a freshly built model. A new layer
-is recorded as its torch.nn class name and constructor arguments, read back
-from the module's attributes and checked by rebuilding it; a layer that cannot
-be described that way is recorded with the reason, and saving refuses it.
+in order, so the edits can be replayed on a freshly built model (see
+:mod:`fxindex.io`). A new layer is recorded as its torch.nn class name and
+constructor arguments, read back from the module's attributes and checked by
+rebuilding it; a layer that cannot be described that way is recorded with the
+reason, and saving refuses it.
+
+Each edit also records the example-input shapes the graph carried when it was
+made (``"example_inputs"``: a list of ``{"shape", "dtype"}``, or ``None`` when
+the graph had no shapes), because a replay that rewrites a hard-coded
+``view``/``reshape`` needs shapes and a replay without them must not invent
+any.
+
+``GraphModule.__reduce__`` (pickle) drops ``graph_module.meta``; the edits and
+trace options are therefore also kept as plain instance attributes, which
+pickle carries, and :func:`recipe` reads either.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.nn.modules.rnn import RNNBase
 
-__all__ = ["RECIPE_KEY", "describe_layer", "build_layer", "record_edit", "recipe"]
+from fxindex.trace import TRACE_OPTIONS_KEY
+
+__all__ = [
+    "RECIPE_KEY",
+    "describe_layer",
+    "build_layer",
+    "check_description",
+    "record_edit",
+    "recipe",
+    "trace_options",
+    "model_class",
+    "input_specs",
+    "dtype_name",
+    "parse_dtype",
+]
 
 RECIPE_KEY = "fxindex_recipe"
+# The class name of the traced model. GraphModule.__deepcopy__ re-initialises
+# the copy as a plain "GraphModule", so the name is kept as data once seen.
+MODEL_CLASS_KEY = "fxindex_model_class"
+_PLAIN_NAME = "GraphModule"
+
+# Instance attributes mirroring the meta entries: GraphModule pickling keeps
+# ``__dict__`` entries the fresh GraphModule lacks, but not ``meta``.
+_RECIPE_ATTRIBUTE = "_fxindex_recipe"
+_TRACE_ATTRIBUTE = "_fxindex_trace"
+_MODEL_CLASS_ATTRIBUTE = "_fxindex_model_class"
 
 # Constructor arguments that say where a layer lives, not what it is.
 _PLACEMENT = {"device", "dtype", "factory_kwargs"}
 _LITERAL = (bool, int, float, str, type(None))
+
+# Constructor arguments stored under another form: read them with these.
+_READERS: dict[tuple[type, str], Callable[[nn.Module], Any]] = {
+    (nn.MultiheadAttention, "bias"): lambda m: m.in_proj_bias is not None,
+    (nn.MultiheadAttention, "add_bias_kv"): lambda m: m.bias_k is not None,
+}
 
 
 def _literal(value: Any) -> Any:
@@ -34,16 +77,51 @@ def _literal(value: Any) -> Any:
     raise ValueError(f"{value!r} ({type(value).__name__}) is not a literal")
 
 
+def _constructor_parameters(cls: type[nn.Module]) -> list[inspect.Parameter]:
+    """The named constructor parameters of ``cls``, placement and ``*args`` excluded.
+
+    RNN, LSTM and GRU take ``*args, **kwargs`` and forward them to
+    ``RNNBase.__init__`` after a ``mode`` of their own: read that signature
+    instead, without ``mode`` (and ``proj_size``, which only LSTM accepts;
+    RNN adds ``nonlinearity``).
+    """
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    if issubclass(cls, RNNBase) and all(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
+        parameters = [p for p in list(inspect.signature(RNNBase.__init__).parameters.values())[1:] if p.name != "mode"]
+        if not issubclass(cls, nn.LSTM):
+            parameters = [p for p in parameters if p.name != "proj_size"]
+        if issubclass(cls, nn.RNN):
+            parameters.append(inspect.Parameter("nonlinearity", inspect.Parameter.KEYWORD_ONLY, default="tanh"))
+    return [
+        p for p in parameters if p.name not in _PLACEMENT and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+
+
+def _structure(module: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of every parameter and buffer: what a rebuild must reproduce."""
+    return [(name, tuple(t.shape)) for name, t in module.named_parameters()] + [
+        (name, tuple(t.shape)) for name, t in module.named_buffers()
+    ]
+
+
 def describe_layer(module: nn.Module) -> dict[str, Any]:
     """Describe ``module`` as ``{"type": "Conv2d", "kwargs": {...}}``, or say why it cannot be.
 
     Only classes of ``torch.nn`` are described: their constructor arguments
     are stored as attributes of the same name (``bias`` as a parameter, read
     as a bool). The description is verified by building the layer again and
-    comparing its repr and parameter shapes.
+    comparing its repr and the names and shapes of its parameters and buffers.
+
+    Args:
+        module: the layer to describe.
 
     Returns:
         ``{"type", "kwargs"}`` on success, else ``{"type", "error"}``.
+
+    Example:
+        >>> import torch
+        >>> describe_layer(torch.nn.Dropout(0.25))
+        {'type': 'Dropout', 'kwargs': {'p': 0.25, 'inplace': False}}
     """
     cls = type(module)
     name = cls.__name__
@@ -51,10 +129,11 @@ def describe_layer(module: nn.Module) -> dict[str, Any]:
         return {"type": f"{cls.__module__}.{cls.__qualname__}", "error": "not a torch.nn layer class"}
     kwargs: dict[str, Any] = {}
     try:
-        for parameter in list(inspect.signature(cls.__init__).parameters.values())[1:]:
-            if parameter.name in _PLACEMENT or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-                continue
-            if parameter.name in ("bias", "affine", "elementwise_affine") and not hasattr(module, parameter.name + "_"):
+        for parameter in _constructor_parameters(cls):
+            reader = next((read for (owner, arg), read in _READERS.items() if arg == parameter.name and isinstance(module, owner)), None)
+            if reader is not None:
+                value = reader(module)
+            elif parameter.name in ("bias", "affine", "elementwise_affine") and not hasattr(module, parameter.name + "_"):
                 value = getattr(module, parameter.name, None)
                 value = value is not None and value is not False if isinstance(value, (torch.Tensor, type(None))) else value
             elif hasattr(module, parameter.name):
@@ -67,48 +146,188 @@ def describe_layer(module: nn.Module) -> dict[str, Any]:
         rebuilt = build_layer({"type": name, "kwargs": kwargs})
     except (ValueError, TypeError) as error:
         return {"type": name, "error": str(error)}
-    if repr(rebuilt) != repr(module) or [p.shape for p in rebuilt.parameters()] != [p.shape for p in module.parameters()]:
+    if repr(rebuilt) != repr(module) or _structure(rebuilt) != _structure(module):
         return {"type": name, "error": f"rebuilding from {kwargs} gives {rebuilt!r}, not {module!r}"}
     return {"type": name, "kwargs": kwargs}
+
+
+def _argument(value: Any, where: str) -> Any:
+    """A JSON value as a constructor argument: lists become tuples, anything else non-literal is refused."""
+    if isinstance(value, _LITERAL):
+        return value
+    if isinstance(value, list):
+        return tuple(_argument(item, where) for item in value)
+    raise ValueError(f"{where} must be a literal (number, string, bool, null or a list of them), got {value!r}")
+
+
+def check_description(description: Any) -> tuple[type[nn.Module], dict[str, Any]]:
+    """Check a layer description without building it: the class and the constructor arguments.
+
+    Nothing in the description is evaluated or imported: ``type`` is looked up
+    as a public attribute of ``torch.nn`` and must be an ``nn.Module``
+    subclass defined in torch.nn; the arguments must be literals.
+
+    Args:
+        description: ``{"type": "Linear", "kwargs": {"in_features": 4, ...}}``.
+
+    Returns:
+        The class and the keyword arguments to call it with (lists as tuples).
+
+    Raises:
+        ValueError: the type is not a torch.nn layer class, or the description
+            is malformed.
+    """
+    if not isinstance(description, dict) or not isinstance(description.get("type"), str):
+        raise ValueError(f"a layer description is a dict with a 'type' string, got {description!r}")
+    name = description["type"]
+    # Checked before getattr: a dunder or private name is never a layer class.
+    cls = None if name.startswith("_") or not name.isidentifier() else getattr(nn, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__.startswith("torch.nn.")):
+        raise ValueError(f"layer type {name!r} is not a torch.nn layer class (expected a name such as 'Linear' or 'Conv2d')")
+    kwargs = description.get("kwargs", {})
+    if not isinstance(kwargs, dict) or not all(isinstance(key, str) for key in kwargs):
+        raise ValueError(f"the kwargs of a {name} must be a dict with string keys, got {kwargs!r}")
+    return cls, {key: _argument(value, f"argument {key!r} of {name}") for key, value in kwargs.items()}
 
 
 def build_layer(description: dict[str, Any]) -> nn.Module:
     """Build the layer a :func:`describe_layer` dict describes (torch.nn classes only).
 
+    The description is checked by :func:`check_description` first.
+
+    Args:
+        description: ``{"type": "Linear", "kwargs": {"in_features": 4, ...}}``.
+
+    Returns:
+        A freshly initialised layer, on the default device and dtype.
+
     Raises:
-        ValueError: the type is not a torch.nn layer, or the description is malformed.
+        ValueError: the type is not a torch.nn layer, or the description is
+            malformed or rejected by the layer's constructor.
+
+    Example:
+        >>> build_layer({"type": "Linear", "kwargs": {"in_features": 4, "out_features": 2}})
+        Linear(in_features=4, out_features=2, bias=True)
     """
-    if not isinstance(description, dict) or not isinstance(description.get("type"), str):
-        raise ValueError(f"a layer description is a dict with a 'type' string, got {description!r}")
-    name = description["type"]
-    cls = getattr(nn, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)) or name.startswith("_"):
-        raise ValueError(f"layer type {name!r} is not a torch.nn layer class")
-    kwargs = description.get("kwargs", {})
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"the kwargs of a {name} must be a dict, got {kwargs!r}")
-    kwargs = {key: tuple(value) if isinstance(value, list) else value for key, value in kwargs.items()}
-    return cls(**kwargs)
+    cls, arguments = check_description(description)
+    try:
+        return cls(**arguments)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{cls.__name__}(**{description.get('kwargs', {})}) failed: {type(error).__name__}: {error}") from error
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: Any) -> torch.dtype:
+    """``"float32"`` -> ``torch.float32``; anything that is not a torch dtype name raises ValueError."""
+    value = getattr(torch, name, None) if isinstance(name, str) and name.isidentifier() and not name.startswith("_") else None
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"expected a torch dtype name such as 'float32', got {name!r}")
+    return value
+
+
+def input_specs(graph_module: fx.GraphModule) -> list[dict[str, Any]] | None:
+    """The shapes and dtypes recorded on the placeholders, or ``None`` when any is missing.
+
+    Returns:
+        ``[{"shape": [2, 3, 28, 28], "dtype": "float32"}, ...]``, one per
+        placeholder, as fxindex's planner needs all of them to use shapes.
+    """
+    # Imported here: fxindex.shapes is cheap, but keep this module's import graph flat.
+    from fxindex.shapes import tensor_meta
+
+    specs: list[dict[str, Any]] = []
+    for node in graph_module.graph.find_nodes(op="placeholder"):
+        meta = tensor_meta(node)
+        if meta is None:
+            return None
+        specs.append({"shape": [int(size) for size in meta.shape], "dtype": dtype_name(meta.dtype)})
+    return specs or None
+
+
+def _edit_list(graph_module: fx.GraphModule) -> list[dict[str, Any]] | None:
+    edits = graph_module.meta.get(RECIPE_KEY)
+    if edits is None:
+        edits = graph_module.__dict__.get(_RECIPE_ATTRIBUTE)
+    return edits
+
+
+def trace_options(graph_module: fx.GraphModule) -> dict[str, list[str]]:
+    """How ``graph_module`` was traced: ``{"leaf_types": [...], "leaf_names": [...]}``.
+
+    Returns torch.fx's defaults (no extra leaves) for a graph fxindex did not trace.
+    """
+    options = graph_module.meta.get(TRACE_OPTIONS_KEY) or graph_module.__dict__.get(_TRACE_ATTRIBUTE)
+    if not options:
+        return {"leaf_types": [], "leaf_names": []}
+    return {"leaf_types": list(options.get("leaf_types", [])), "leaf_names": list(options.get("leaf_names", []))}
+
+
+def model_class(graph_module: fx.GraphModule) -> str | None:
+    """The class name of the model ``graph_module`` was traced from, or ``None`` if it was lost.
+
+    ``fxindex.trace`` names the GraphModule's class after the model; a deep
+    copy (which ``replace`` makes of a GraphModule) renames it "GraphModule",
+    so the name recorded at the first edit is preferred.
+    """
+    options = graph_module.meta.get(TRACE_OPTIONS_KEY) or {}
+    for found in (
+        options.get("model_class"),
+        graph_module.meta.get(MODEL_CLASS_KEY),
+        graph_module.__dict__.get(_MODEL_CLASS_ATTRIBUTE),
+    ):
+        if isinstance(found, str) and found:
+            return found
+    name = type(graph_module).__name__
+    return name if name != _PLAIN_NAME else None
 
 
 def record_edit(graph_module: fx.GraphModule, edit: dict[str, Any]) -> None:
-    """Append ``edit`` to the recipe stored on ``graph_module``."""
-    graph_module.meta.setdefault(RECIPE_KEY, []).append(edit)
+    """Append ``edit`` to the recipe stored on ``graph_module``.
+
+    The example-input shapes the graph carries now are added to the edit
+    (unless the caller gave them), so a replay uses shapes exactly when the
+    edit did.
+    """
+    edits = _edit_list(graph_module)
+    edits = [] if edits is None else edits
+    graph_module.meta[RECIPE_KEY] = edits
+    edit = dict(edit)
+    edit.setdefault("example_inputs", input_specs(graph_module))
+    edits.append(edit)
+    # Mirrors that survive pickling (see the module docstring); the same objects, never stale.
+    graph_module.__dict__[_RECIPE_ATTRIBUTE] = edits
+    name = model_class(graph_module)
+    if name is not None:
+        graph_module.meta[MODEL_CLASS_KEY] = graph_module.__dict__[_MODEL_CLASS_ATTRIBUTE] = name
+    if TRACE_OPTIONS_KEY in graph_module.meta:
+        graph_module.__dict__[_TRACE_ATTRIBUTE] = graph_module.meta[TRACE_OPTIONS_KEY]
+    elif _TRACE_ATTRIBUTE in graph_module.__dict__:
+        graph_module.meta[TRACE_OPTIONS_KEY] = graph_module.__dict__[_TRACE_ATTRIBUTE]
 
 
 def recipe(graph_module: fx.GraphModule) -> list[dict[str, Any]]:
     """The edits applied to ``graph_module`` since it was traced, as plain data.
 
+    Args:
+        graph_module: a GraphModule returned by ``replace``/``remove``/``insert``.
+
     Returns:
         A copy of the list: one dict per ``replace``/``remove``/``insert``
         call, with layer indices and qualified names, the new layers' types
-        and constructor arguments, ``keep`` and the other options.
+        and constructor arguments, ``keep`` and the other options, and the
+        example-input shapes the graph carried. Empty for an unedited graph.
 
     Example:
         >>> import torch, fxindex
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
         >>> rebuilt = fxindex.replace(net, 0, torch.nn.Linear(4, 16))
-        >>> fxindex.recipe(rebuilt)[0]["layers"][0]["layer"]
+        >>> recipe(rebuilt)[0]["layers"][0]["layer"]
         {'type': 'Linear', 'kwargs': {'in_features': 4, 'out_features': 16, 'bias': True}}
     """
-    return copy.deepcopy(graph_module.meta.get(RECIPE_KEY, []))
+    if not isinstance(graph_module, fx.GraphModule):
+        raise TypeError(f"recipe expects the torch.fx.GraphModule an fxindex edit returned, got {type(graph_module).__name__}")
+    return copy.deepcopy(_edit_list(graph_module) or [])

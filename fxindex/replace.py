@@ -22,6 +22,7 @@ from fxindex.index import LayerIndex, as_graph_module
 from fxindex.plan import Plan
 from fxindex.propagate import Target, build_plan
 from fxindex.recipe import describe_layer, record_edit
+from fxindex.rules import Widths, find_widths
 
 __all__ = ["replace", "plan", "remove", "insert", "apply_plan"]
 
@@ -29,7 +30,7 @@ Selector = int | str
 
 
 def _label(layers: LayerIndex, position: int) -> str:
-    return f"layer {position} ('{layers[position].target}')"
+    return f"layer {position} ('{layers.node(position).target}')"
 
 
 def _check_layer(new_layer: Any, label: str) -> nn.Module:
@@ -73,11 +74,11 @@ def _select(
         position = layers.resolve(key)
         label = _label(layers, position)
         layer = _check_layer(layer, label)
-        entry = layers[position]
-        recorded.append({"index": position, "target": entry.target, "layer": describe_layer(layer)})
-        sites = layers.positions(entry.target) if all_sites else [position]
+        name = str(layers.node(position).target)
+        recorded.append({"index": position, "target": name, "layer": describe_layer(layer)})
+        sites = layers.positions(name) if all_sites else [position]
         for site in sites:
-            node = layers[site].node
+            node = layers.node(site)
             if node in targets:
                 raise TypeError(f"{caller}: {_label(layers, site)} is selected twice")
             targets[node] = Target(node, layer, keeps.get(position), _label(layers, site))
@@ -97,17 +98,26 @@ def _short_type(value: Any) -> str:
     return type(value).__name__
 
 
-def _working_copy(model: nn.Module, example_inputs: tuple[Any, ...] | None, inplace: bool, caller: str) -> fx.GraphModule:
-    """The GraphModule to edit: the caller's own when ``inplace``, else a deep copy."""
-    if isinstance(model, fx.GraphModule):
-        graph_module = model if inplace else copy.deepcopy(model)
-        if example_inputs is not None:
-            as_graph_module(graph_module, example_inputs, caller=caller)
-        return graph_module
+def _source(model: nn.Module, example_inputs: tuple[Any, ...] | None, caller: str) -> fx.GraphModule:
+    """The GraphModule to plan on: ``model`` itself, or its fresh trace (which shares its layers)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller} expects an nn.Module or a torch.fx.GraphModule, got {type(model).__name__}")
-    # A fresh trace shares its leaf modules with the model; copy unless the caller allowed sharing.
-    return as_graph_module(model if inplace else copy.deepcopy(model), example_inputs, caller=caller)
+    return as_graph_module(model, example_inputs, caller=caller)
+
+
+def _edited(graph_module: fx.GraphModule, inplace: bool) -> fx.GraphModule:
+    """The module to install a plan into: the caller's own when ``inplace``, else a deep copy.
+
+    Copying after planning means a refused edit costs no copy at all.
+    """
+    return graph_module if inplace else copy.deepcopy(graph_module)
+
+
+def _working_copy(model: nn.Module, example_inputs: tuple[Any, ...] | None, inplace: bool, caller: str) -> fx.GraphModule:
+    """The GraphModule to edit before planning (insert adds its node first)."""
+    if isinstance(model, fx.GraphModule) or not inplace:
+        return _edited(_source(model, example_inputs, caller), inplace)
+    return _source(model, example_inputs, caller)
 
 
 def _unique_name(graph_module: fx.GraphModule, target: str, *, plain_first: bool = False) -> str:
@@ -214,7 +224,7 @@ def plan(
         >>> [edit.action for edit in steps.edits]
         ['replace', 'rewrite', 'rebuild']
     """
-    graph_module = _working_copy(model, example_inputs, inplace=True, caller="fxindex.plan")
+    graph_module = _source(model, example_inputs, caller="fxindex.plan")
     try:
         targets, _ = _select(graph_module, index, new_layer, keep, all_sites, "fxindex.plan")
         return build_plan(graph_module, targets, propagate=propagate)
@@ -282,13 +292,13 @@ def replace(
         >>> rebuilt(*inputs).shape
         torch.Size([2, 8])
     """
-    graph_module = _working_copy(model, example_inputs, inplace, caller="fxindex.replace")
+    source = _source(model, example_inputs, caller="fxindex.replace")
     try:
-        targets, edit = _select(graph_module, index, new_layer, keep, all_sites, "fxindex.replace")
-        planned = build_plan(graph_module, targets, propagate=propagate)
+        targets, edit = _select(source, index, new_layer, keep, all_sites, "fxindex.replace")
+        planned = build_plan(source, targets, propagate=propagate)
     except FxIndexError as error:
         raise _with_context(error, "fxindex.replace") from error.__cause__
-    apply_plan(graph_module, planned)
+    graph_module = apply_plan(_edited(source, inplace), planned)
     record_edit(graph_module, {**edit, "propagate": propagate})
     return graph_module
 
@@ -314,16 +324,19 @@ def remove(
         >>> [e.target for e in fxindex.index(fxindex.remove(net, 1))]
         ['0', '2']
     """
-    graph_module = _working_copy(model, example_inputs, inplace, caller="fxindex.remove")
+    source = _source(model, example_inputs, caller="fxindex.remove")
     try:
-        layers = LayerIndex(graph_module)
+        layers = LayerIndex(source)
         position = layers.resolve(index)
-        node = layers[position].node
-        target = Target(node, nn.Identity(), None, _label(layers, position), action="remove")
-        planned = build_plan(graph_module, [target])
+        node = layers.node(position)
+        widths = find_widths(source.get_submodule(str(node.target)))
+        # Without the layer, its users read its input: the same dimension at the input's width.
+        passed = Widths(widths.in_dim, widths.in_size, widths.in_dim, widths.in_size) if widths else None
+        target = Target(node, nn.Identity(), None, _label(layers, position), "remove", widths, passed)
+        planned = build_plan(source, [target])
     except FxIndexError as error:
         raise _with_context(error, "fxindex.remove") from error.__cause__
-    apply_plan(graph_module, planned)
+    graph_module = apply_plan(_edited(source, inplace), planned)
     record_edit(graph_module, {"op": "remove", "index": position, "target": str(node.target)})
     return graph_module
 
@@ -361,7 +374,7 @@ def insert(
         _check_layer(new_layer, label)
     except FxIndexError as error:
         raise _with_context(error, "fxindex.insert") from error.__cause__
-    anchor = layers[position].node
+    anchor = layers.node(position)
     graph = graph_module.graph
     name = _unique_name(graph_module, f"{anchor.target}_inserted", plain_first=True)
     graph_module.add_submodule(name, nn.Identity())
@@ -379,7 +392,15 @@ def insert(
     if source_meta is not None:
         new_node.meta["tensor_meta"] = source_meta
     try:
-        planned = build_plan(graph_module, [Target(new_node, new_layer, None, f"new layer {name!r} {'after' if after else 'before'} {label}")])
+        label = f"new layer {name!r} {'after' if after else 'before'} {label}"
+        anchor_widths = find_widths(graph_module.get_submodule(str(anchor.target)))
+        if anchor_widths is not None:
+            # The placeholder identity passes on what the anchor writes (after) or reads (before).
+            dim, size = (
+                (anchor_widths.out_dim, anchor_widths.out_size) if after else (anchor_widths.in_dim, anchor_widths.in_size)
+            )
+            anchor_widths = Widths(dim, size, dim, size)
+        planned = build_plan(graph_module, [Target(new_node, new_layer, None, label, old_widths=anchor_widths)])
     except BaseException as error:
         # Undo the placeholder identity so an inplace call leaves no trace.
         new_node.replace_all_uses_with(new_node.args[0])

@@ -10,6 +10,7 @@ to one real forward only where fake propagation fails (data-dependent ops).
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,9 +45,17 @@ def make_fake_mode() -> FakeTensorMode:
     """A fake mode in which real parameters may meet fake activations.
 
     ``allow_non_fake_inputs`` lets modules keep their real weights: nothing is
-    copied, and only metadata is computed.
+    copied, and only metadata is computed. One mode is shared by all calls in
+    a thread: its caches make the second replace on a model several times
+    cheaper than the first.
     """
-    return FakeTensorMode(allow_non_fake_inputs=True)
+    mode = getattr(_shared, "mode", None)
+    if mode is None:
+        mode = _shared.mode = FakeTensorMode(allow_non_fake_inputs=True)
+    return mode
+
+
+_shared = threading.local()
 
 
 def fake_tensor_like(meta: TensorMetadata, mode: FakeTensorMode) -> torch.Tensor:

@@ -14,7 +14,9 @@ from torch import fx, nn
 from fxindex.errors import TraceError
 from fxindex.shapes import record_shapes
 
-__all__ = ["trace", "LeafTracer"]
+__all__ = ["trace", "LeafTracer", "TRACE_OPTIONS_KEY"]
+
+TRACE_OPTIONS_KEY = "fxindex_trace"
 
 # Frames from these folders are torch's or ours, never the line a user wants to see.
 _LIBRARY_FOLDERS = (
@@ -150,6 +152,11 @@ def trace(
         ) from error
     name = type(model).__name__
     graph_module = fx.GraphModule(tracer.root, graph, name)
+    # How this graph was traced, so a saved recipe can be replayed on a fresh trace.
+    graph_module.meta[TRACE_OPTIONS_KEY] = {
+        "leaf_types": [f"{cls.__module__}:{cls.__qualname__}" for cls in leaf_types],
+        "leaf_names": sorted(leaf_names),
+    }
     if example_inputs is not None:
         record_shapes(graph_module, example_inputs)
     return graph_module
