@@ -73,16 +73,17 @@ def preserving_buffers(module: nn.Module) -> Iterator[None]:
 
     A shape pass must not count as a training step: BatchNorm in training mode
     bumps ``num_batches_tracked`` even under fake tensors. Buffers are small, so
-    a copy is cheap; only the ones whose version changed are written back.
+    a copy is cheap.
     """
-    saved = [(buffer, buffer._version, buffer.detach().clone()) for buffer in module.buffers()]
+    saved = [(buffer, buffer.detach().clone()) for buffer in module.buffers()]
     try:
         yield
     finally:
+        # Written back unconditionally: BatchNorm's native kernel updates running
+        # statistics without bumping the tensor's version counter.
         with torch.no_grad():
-            for buffer, version, copy in saved:
-                if buffer._version != version:
-                    buffer.copy_(copy)
+            for buffer, copy in saved:
+                buffer.copy_(copy)
 
 
 def _to_meta(value: Any) -> Any:
@@ -167,7 +168,8 @@ def record_shapes(graph_module: fx.GraphModule, example_inputs: tuple[Any, ...])
             metas.clear()
             recorder = _ShapeRecorder(graph_module, metas)
             try:
-                with torch.no_grad():
+                # fork_rng: dropout in train mode must not advance the caller's random stream.
+                with torch.no_grad(), torch.random.fork_rng(devices=[]):
                     recorder.run(*example_inputs)
             except Exception as error:
                 node = recorder.failed_node

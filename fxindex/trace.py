@@ -67,6 +67,8 @@ class LeafTracer(fx.Tracer):
 
 
 def _split_leaves(leaf_modules: Iterable[type | str]) -> tuple[tuple[type, ...], frozenset[str]]:
+    if isinstance(leaf_modules, (str, type)):
+        leaf_modules = [leaf_modules]  # one name or type, not a sequence of characters
     types: list[type] = []
     names: set[str] = set()
     for leaf in leaf_modules:
