@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 from fxindex import examples
+from fxindex.bench import BenchReport, BenchRow, bench
 from fxindex.errors import (
     FxIndexError,
     LayerIndexError,
@@ -30,13 +31,17 @@ from fxindex.index import LayerEntry, LayerIndex, index
 from fxindex.plan import Plan, PlannedEdit
 from fxindex.replace import insert, plan, remove, replace
 from fxindex.rules import register_rule
+from fxindex.recipe import recipe
 from fxindex.shapes import record_shapes
+from fxindex.speed import is_sped_up, speed_up
 from fxindex.table import table
 from fxindex.trace import trace
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BenchReport",
+    "BenchRow",
     "EditError",
     "FxIndexError",
     "LayerEntry",
@@ -50,14 +55,18 @@ __all__ = [
     "ShapeMismatchError",
     "ShapesRequiredError",
     "TraceError",
+    "bench",
     "examples",
     "index",
     "insert",
+    "is_sped_up",
     "plan",
+    "recipe",
     "record_shapes",
     "register_rule",
     "remove",
     "replace",
+    "speed_up",
     "table",
     "trace",
 ]

@@ -32,6 +32,7 @@ from torch import nn
 import fxindex
 from fxindex.errors import FxIndexError
 from fxindex.examples import SeedModel, seed_inputs
+from fxindex.spec import SpecError, parse_replacement
 
 __all__ = [
     "CommandError",
@@ -43,6 +44,7 @@ __all__ = [
     "parse_shape",
     "run_show",
     "run_demo",
+    "run_bench",
     "main",
 ]
 
@@ -369,6 +371,77 @@ def _widened_copy(conv: torch.nn.Module, out_channels: int) -> torch.nn.Conv2d:
     return wider
 
 
+# --------------------------------------------------------------------------- bench
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODULE:CALLABLE", help="model factory, as for show")
+    parser.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="SHAPE",
+        help="shape of a random example input, e.g. 8x3x224x224 (required; repeat for several inputs)",
+    )
+    parser.add_argument(
+        "--replace",
+        action="append",
+        default=[],
+        metavar="INDEX=LAYER",
+        help="a replacement such as 4=Conv2d(64,96,3,padding=1): a layer index or qualified name, and a "
+        "torch.nn class with literal arguments (parsed, never evaluated); repeat for several",
+    )
+    parser.add_argument("--compile", action="store_true", help="also measure each model under torch.compile")
+    parser.add_argument("--min-run-time", type=float, default=0.5, metavar="SECONDS", help="timing budget per model")
+    parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="write a bar chart of latency (needs matplotlib)")
+    _add_format_argument(parser)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Build a model, apply the ``--replace`` edits, and benchmark original vs rebuilt.
+
+    Args:
+        args: parsed arguments (model, input, replace, compile, min_run_time,
+            json, plot, format).
+
+    Returns:
+        The exit status, 0.
+
+    Raises:
+        CommandError: a malformed ``--input`` or ``--replace``, or a model
+            that cannot be built.
+        FxIndexError: a replacement fxindex refuses.
+    """
+    if not args.input:
+        raise CommandError("bench needs --input SHAPE (e.g. --input 8x3x224x224)")
+    example_inputs = _random_inputs(args.input)
+    try:
+        replacements = dict(parse_replacement(text) for text in args.replace)
+    except SpecError as error:
+        raise CommandError(f"malformed --replace {error}") from error
+    model = build_model(args.model).eval()
+    models: dict[str, nn.Module] = {"original": model}
+    if replacements:
+        models["rebuilt"] = fxindex.replace(model, replacements, example_inputs=example_inputs)
+    report = fxindex.bench(
+        models,
+        example_inputs,
+        compile=args.compile,
+        min_run_time=args.min_run_time,
+        progress=sys.stderr.isatty(),
+    )
+    print(report.table(tablefmt=args.format))
+    if args.json:
+        report.to_json(args.json)
+    if args.plot:
+        try:
+            report.plot(args.plot)
+        except ImportError as error:
+            raise CommandError(_one_line(str(error))) from error
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 SUBCOMMANDS: dict[str, Subcommand] = {
@@ -381,6 +454,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         help="walk through fxindex on a small built-in model",
         add_arguments=_add_demo_arguments,
         run=run_demo,
+    ),
+    "bench": Subcommand(
+        help="benchmark a model against its rebuilt version (--replace INDEX=LAYER)",
+        add_arguments=_add_bench_arguments,
+        run=run_bench,
     ),
 }
 

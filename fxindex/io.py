@@ -16,20 +16,30 @@ On-disk layout: ``path`` is a directory holding two files::
 
 - ``"format"``: ``"fxindex-recipe"``; ``"version"``: :data:`FORMAT_VERSION`.
 - ``"fxindex_version"``, ``"torch_version"``: who wrote it (informative).
-- ``"model"``: ``{"class": "ResNet"}``, the class name of the traced model
-  (``null`` when it was lost: a GraphModule deep-copied before its first edit).
+- ``"model"``: ``{"class": "ResNet"}``, the class name of the traced model, or
+  ``null`` when it was lost (``GraphModule.__deepcopy__`` renames the class
+  "GraphModule", and replace/remove/insert copy before editing unless
+  ``inplace=True``).
 - ``"trace"``: ``{"leaf_types": ["pkg.mod:Block"], "leaf_names": ["encoder.block3"]}``,
   the leaf options of the original trace.
 - ``"example_inputs"``: ``[{"shape": [1, 3, 64, 64], "dtype": "float32"}, ...]``
   from the graph's placeholders, or ``null``.
 - ``"training"``: whether the saved model was in training mode.
 - ``"edits"``: the list :func:`fxindex.recipe.recipe` returns, each with the
-  example-input shapes it was made with (``null`` when it had none).
+  example-input shapes it was made with (``null`` when it had none). A
+  replaced layer may carry ``"replaced"``, the description of the layer it
+  replaced; loading then checks the fresh model has that layer there.
 - ``"result"``: the structural fingerprint of the saved model,
   ``{"layers": [[target, class name], ...] (call sites in execution order),
   "state": {key: {"shape": [...], "dtype": "float32"}}}``. Loading checks the
   replayed model against it, and each edit's recorded target against the
   layer at its index, so a recipe from another model is refused.
+
+What is not saved: ``requires_grad`` flags (all parameters load trainable),
+hooks, per-module train/eval modes (the root's mode is applied to all), and
+``concrete_args`` of the trace (pass them to :func:`load` again). A model that
+differs from the original only in the layers the edits replaced rebuilds into
+the saved model exactly; it is refused only when the edits record ``"replaced"``.
 """
 
 from __future__ import annotations
@@ -39,10 +49,11 @@ import copy
 import itertools
 import json
 import os
+import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import fx, nn
@@ -51,6 +62,7 @@ from fxindex.errors import FxIndexError, RecipeError
 from fxindex.recipe import (
     build_layer,
     check_description,
+    describe_layer,
     dtype_name,
     input_specs,
     model_class,
@@ -79,12 +91,13 @@ _OPS = ("replace", "remove", "insert")
 def _edit_label(number: int, edit: Mapping[str, Any]) -> str:
     """``"edit 2 (replace layer 4 'nested.0')"`` for messages; robust to malformed edits."""
     op = edit.get("op", "?")
-    if op == "replace" and isinstance(edit.get("layers"), list):
-        sites = ", ".join(
-            f"layer {layer.get('index')} '{layer.get('target')}'" for layer in edit["layers"] if isinstance(layer, Mapping)
-        )
+    layers = edit.get("layers")
+    if op == "replace" and isinstance(layers, list) and all(isinstance(layer, Mapping) for layer in layers) and layers:
+        sites = ", ".join(f"layer {layer.get('index')} '{layer.get('target')}'" for layer in layers)
         return f"edit {number} ({op} {sites})"
-    return f"edit {number} ({op} layer {edit.get('index')} '{edit.get('target')}')"
+    if op != "replace" and "index" in edit and "target" in edit:
+        return f"edit {number} ({op} layer {edit['index']} '{edit['target']}')"
+    return f"edit {number} ({op})"
 
 
 def _fingerprint(graph_module: fx.GraphModule) -> dict[str, Any]:
@@ -195,7 +208,8 @@ def _fxindex_version() -> str:
     return getattr(fxindex, "__version__", "unknown")
 
 
-def _write_atomically(target: Path, write: Any) -> None:
+def _write_atomically(target: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``target`` through a temporary file in the same folder, renamed over it once complete."""
     descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(descriptor, "wb") as handle:
@@ -211,14 +225,16 @@ def _write_atomically(target: Path, write: Any) -> None:
 
 
 def _require(mapping: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    """``mapping[key]``, which must exist and be of type ``kind``; ``where`` names the place in messages."""
     if not isinstance(mapping, Mapping):
         raise RecipeError(f"{where} must be a JSON object, got {type(mapping).__name__}")
     if key not in mapping:
         raise RecipeError(f"{where} is missing the field '{key}'")
     value = mapping[key]
-    # bool is an int in Python; an index or version must not be true/false.
-    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
-        expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # bool is an int in Python; an index must not be true/false.
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        expected = " or ".join(k.__name__ for k in kinds)
         raise RecipeError(f"{where}: field '{key}' must be {expected}, got {value!r}")
     return value
 
@@ -268,6 +284,8 @@ def _check_edit(number: int, edit: Any) -> None:
             _check_index(_require(layer, "index", int, where), where)
             _require(layer, "target", str, where)
             _check_layer(_require(layer, "layer", dict, where), where)
+            if not isinstance(layer.get("replaced", {}), dict):
+                raise RecipeError(f"{where}: 'replaced' must be a layer description, got {layer['replaced']!r}")
         keep = _require(edit, "keep", dict, where)
         for key, value in keep.items():
             if not key.isdecimal() or not isinstance(value, list) or not all(
@@ -347,7 +365,7 @@ def read_recipe(path: PathLike) -> dict[str, Any]:
     return document
 
 
-def _read_weights(path: PathLike) -> dict[str, torch.Tensor]:
+def _read_weights(path: PathLike) -> Mapping[str, torch.Tensor]:
     """``path/weights.pt`` as a dict of tensors, never unpickling anything but tensors."""
     file = Path(path) / WEIGHTS_FILE
     if not file.is_file():
@@ -356,7 +374,7 @@ def _read_weights(path: PathLike) -> dict[str, torch.Tensor]:
         # weights_only=True: the restricted unpickler refuses any object that is not a tensor or plain container.
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # UnpicklingError, RuntimeError (not a zip), EOFError...: all "not a state dict"
-        reason = (str(error).strip().splitlines() or [""])[0]
+        reason = _load_failure(error)
         raise RecipeError(
             f"'{file}' is not a tensor-only state dict (refused by torch.load(weights_only=True): "
             f"{type(error).__name__}: {reason})"
@@ -369,7 +387,16 @@ def _read_weights(path: PathLike) -> dict[str, torch.Tensor]:
         raise RecipeError(
             f"'{file}' is not a tensor-only state dict: entry {key!r} is a {type(state[key]).__name__}, expected a Tensor"
         )
-    return dict(state)
+    # As loaded, not copied into a plain dict: its _metadata holds the layers' state-dict versions.
+    return state
+
+
+def _load_failure(error: BaseException) -> str:
+    """The one informative line of a torch.load failure (its advice to retry unsafely is left out)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n\s*\n|$)", text, re.S)
+    line = found.group(1) if found else (text.strip().splitlines() or [""])[0]
+    return " ".join(line.split())
 
 
 def _check_weights_match(state: Mapping[str, torch.Tensor], expected: Mapping[str, Any], path: PathLike) -> None:
@@ -452,15 +479,18 @@ def _placement(graph_module: fx.GraphModule, target: str | None) -> tuple[torch.
 
 
 def _build(description: dict[str, Any], graph_module: fx.GraphModule, target: str | None) -> nn.Module:
-    layer = build_layer(description)
+    """Build a recorded layer where it will live: the replaced layer's device, dtype and mode."""
+    layer = build_layer(description).train(graph_module.training)
     placement = _placement(graph_module, target)
     if placement is not None:
         layer = layer.to(device=placement[0], dtype=placement[1])
     return layer
 
 
-def _check_site(graph_module: fx.GraphModule, index: int, target: str, label: str) -> None:
-    """The layer at ``index`` must be the one the edit was made on."""
+def _check_site(
+    graph_module: fx.GraphModule, index: int, target: str, label: str, replaced: dict[str, Any] | None = None
+) -> None:
+    """The layer at ``index`` must be the one the edit was made on (and, when recorded, the layer it replaced)."""
     from fxindex.index import LayerIndex  # index imports trace, which this module also imports
 
     layers = LayerIndex(graph_module)
@@ -473,6 +503,14 @@ def _check_site(graph_module: fx.GraphModule, index: int, target: str, label: st
             f"{label} cannot be replayed: layer {index} of this model is '{layers[index].target}', "
             f"the recipe expects '{target}' (is this recipe from another model?)"
         )
+    if replaced is not None:
+        module = graph_module.get_submodule(target)
+        found = describe_layer(module)
+        if found != replaced:
+            raise RecipeError(
+                f"{label} cannot be replayed: '{target}' is {module!r} in this model, but the recipe was made on a "
+                f"{replaced.get('type')}({replaced.get('kwargs', {})}) (is this recipe from another model?)"
+            )
 
 
 def _replay(graph_module: fx.GraphModule, number: int, edit: dict[str, Any]) -> None:
@@ -481,9 +519,9 @@ def _replay(graph_module: fx.GraphModule, number: int, edit: dict[str, Any]) -> 
     op = edit["op"]
     if op == "replace":
         for layer in edit["layers"]:
-            _check_site(graph_module, layer["index"], layer["target"], _edit_label(number, edit))
+            _check_site(graph_module, layer["index"], layer["target"], _edit_label(number, edit), layer.get("replaced"))
         choices = {layer["index"]: _build(layer["layer"], graph_module, layer["target"]) for layer in edit["layers"]}
-        keep = {int(position): list(slots) for position, slots in edit["keep"].items()}
+        keep: dict[int | str, list[int]] = {int(position): list(slots) for position, slots in edit["keep"].items()}
         replace(graph_module, choices, keep=keep or None, propagate=edit["propagate"], all_sites=edit["all_sites"], inplace=True)
     elif op == "remove":
         _check_site(graph_module, edit["index"], edit["target"], _edit_label(number, edit))
@@ -491,6 +529,49 @@ def _replay(graph_module: fx.GraphModule, number: int, edit: dict[str, Any]) -> 
     else:
         _check_site(graph_module, edit["index"], edit["target"], _edit_label(number, edit))
         insert(graph_module, edit["index"], _build(edit["layer"], graph_module, edit["target"]), after=edit["after"], inplace=True)
+
+
+def _replay_all(
+    graph_module: fx.GraphModule, document: Mapping[str, Any], example_inputs: tuple[Any, ...] | None, model_name: str
+) -> None:
+    """Replay every edit of ``document`` on ``graph_module``, in place, each with the shapes it was made with."""
+    default_specs = document["example_inputs"]
+    # Replaying builds layers with random initial weights: leave the caller's random stream alone.
+    with torch.random.fork_rng(devices=[]):
+        for number, edit in enumerate(document["edits"], 1):
+            specs = edit.get("example_inputs", default_specs)
+            try:
+                _set_shapes(graph_module, specs, example_inputs)
+                _replay(graph_module, number, edit)
+            except RecipeError:
+                raise
+            except (FxIndexError, TypeError, ValueError) as error:
+                raise RecipeError(
+                    f"{_edit_label(number, edit)} cannot be replayed on this {model_name} "
+                    f"(is the recipe from another model?): {type(error).__name__}: {error}"
+                ) from error
+
+
+def _check_result(graph_module: fx.GraphModule, expected: Mapping[str, Any], path: PathLike, model_name: str) -> None:
+    """The replayed model must have the saved model's call sites and state-dict keys and shapes."""
+    found = _fingerprint(graph_module)
+    if found["layers"] != expected["layers"]:
+        pairs = enumerate(itertools.zip_longest(found["layers"], expected["layers"]))
+        rows = [f"layer {i}: {a} vs {b}" for i, (a, b) in pairs if a != b][:3]
+        raise RecipeError(
+            f"replaying '{path}' on this {model_name} does not reproduce the saved model's layers "
+            f"(is the recipe from another model, or was the saved GraphModule's meta lost?): "
+            f"{len(found['layers'])} layers, expected {len(expected['layers'])}; first differences (found vs saved): "
+            + "; ".join(rows)
+        )
+    found_shapes = {key: spec["shape"] for key, spec in found["state"].items()}
+    expected_shapes = {key: spec["shape"] for key, spec in expected["state"].items()}
+    if found_shapes != expected_shapes:
+        raise RecipeError(
+            f"replaying '{path}' on this {model_name} does not reproduce the saved model's weights "
+            f"(is the recipe from another model?): "
+            f"{_difference(expected_shapes, found_shapes, 'the saved model', 'the replayed model')}"
+        )
 
 
 def load(
@@ -512,8 +593,10 @@ def load(
 
     Edits that were made with shapes are replayed with shapes: from
     ``example_inputs`` when given, else from zero tensors of the recorded
-    input shapes and dtypes. The result takes the floating dtype of the
-    saved weights (when they all share one) and the saved training mode.
+    input shapes and dtypes. The model is traced and the edits replayed in
+    the saved training mode (``self.training`` branches are fixed at trace
+    time; a train-mode BatchNorm refuses a batch of one), and the result
+    takes the floating dtype of the saved weights (when they all share one).
 
     Args:
         model: a freshly built instance of the original model (weights do
@@ -544,7 +627,8 @@ def load(
         <torch._C.Generator object at ...>
         >>> model = fxindex.examples.SeedModel().eval()
         >>> inputs = fxindex.examples.seed_inputs()
-        >>> wider = fxindex.replace(model, 0, torch.nn.Conv2d(3, 21, 3), example_inputs=inputs)
+        >>> gm = fxindex.trace(model, example_inputs=inputs)
+        >>> wider = fxindex.replace(gm, 0, torch.nn.Conv2d(3, 21, 3), inplace=True)
         >>> folder = save(wider, tempfile.mkdtemp())
         >>> loaded = load(fxindex.examples.SeedModel(), folder)  # replays the view rewrite on zeros of 2x3x28x28
         >>> loaded.linear1
@@ -568,46 +652,17 @@ def load(
             f"pass a freshly built {saved_class}"
         )
     options = document["trace"]
-    working = copy.deepcopy(model)
+    # Traced and replayed in the saved mode: `if self.training` is fixed at trace time, and a
+    # train-mode BatchNorm refuses the batch of one an eval-mode edit may have been made with.
+    working = copy.deepcopy(model).train(document["training"])
     graph_module = trace(
         working,
         leaf_modules=[*_leaf_types(working, options["leaf_types"]), *options["leaf_names"]],
         concrete_args=concrete_args,
         example_inputs=example_inputs,
     )
-    default_specs = document["example_inputs"]
-    # Replaying builds layers with random initial weights: leave the caller's random stream alone.
-    with torch.random.fork_rng(devices=[]):
-        for number, edit in enumerate(document["edits"], 1):
-            specs = edit.get("example_inputs", default_specs)
-            try:
-                _set_shapes(graph_module, specs, example_inputs)
-                _replay(graph_module, number, edit)
-            except RecipeError:
-                raise
-            except (FxIndexError, TypeError, ValueError) as error:
-                raise RecipeError(
-                    f"{_edit_label(number, edit)} cannot be replayed on this {type(model).__name__} "
-                    f"(is the recipe from another model?): {type(error).__name__}: {error}"
-                ) from error
-    found = _fingerprint(graph_module)
-    expected = document["result"]
-    if found["layers"] != expected["layers"]:
-        pairs = enumerate(itertools.zip_longest(found["layers"], expected["layers"]))
-        rows = [f"layer {i}: {a} vs {b}" for i, (a, b) in pairs if a != b][:3]
-        raise RecipeError(
-            f"replaying '{path}' on this {type(model).__name__} does not reproduce the saved model's layers "
-            f"(is the recipe from another model, or was the saved GraphModule's meta lost?): "
-            f"{len(found['layers'])} layers, expected {len(expected['layers'])}; first differences (found vs saved): "
-            + "; ".join(rows)
-        )
-    found_shapes = {key: spec["shape"] for key, spec in found["state"].items()}
-    expected_shapes = {key: spec["shape"] for key, spec in expected["state"].items()}
-    if found_shapes != expected_shapes:
-        raise RecipeError(
-            f"replaying '{path}' on this {type(model).__name__} does not reproduce the saved model's weights "
-            f"(is the recipe from another model?): {_difference(expected_shapes, found_shapes, 'the saved model', 'the replayed model')}"
-        )
+    _replay_all(graph_module, document, example_inputs, type(model).__name__)
+    _check_result(graph_module, document["result"], path, type(model).__name__)
     floating = {value.dtype for value in state.values() if value.is_floating_point()}
     if len(floating) == 1:
         graph_module.to(next(iter(floating)))

@@ -331,6 +331,9 @@ class _Planner:
         old = target.old_widths or (find_widths(old_module) if old_module is not None else None)
         new = target.new_widths or find_widths(target.module)
         preserving = find_rule(node, target.module) is not None and new is None
+        if preserving and old is not None and old.in_size is not None:
+            # A shape-preserving layer (ReLU) writes what the old layer read.
+            new = Widths(old.in_dim, old.in_size, old.in_dim, old.in_size)
         if old is not None and new is not None and new.in_size is not None:
             expected = next(iter(input_changes.values())).new_size if input_changes else old.in_size
             if expected is not None and new.in_size != expected:

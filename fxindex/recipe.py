@@ -13,9 +13,10 @@ the graph had no shapes), because a replay that rewrites a hard-coded
 ``view``/``reshape`` needs shapes and a replay without them must not invent
 any.
 
-``GraphModule.__reduce__`` (pickle) drops ``graph_module.meta``; the edits and
-trace options are therefore also kept as plain instance attributes, which
-pickle carries, and :func:`recipe` reads either.
+``GraphModule.__reduce__`` (pickle) drops ``graph_module.meta``; the edits,
+trace options and model class name are therefore also kept as plain instance
+attributes, which pickle carries (but ``GraphModule.__deepcopy__`` does not),
+and :func:`restore_meta` puts them back into ``meta``, which deep copies carry.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ __all__ = [
     "recipe",
     "trace_options",
     "model_class",
+    "restore_meta",
     "input_specs",
     "dtype_name",
     "parse_dtype",
@@ -143,12 +145,29 @@ def describe_layer(module: nn.Module) -> dict[str, Any]:
             else:
                 raise ValueError(f"constructor argument {parameter.name!r} is not stored on the module")
             kwargs[parameter.name] = _literal(value)
-        rebuilt = build_layer({"type": name, "kwargs": kwargs})
+        rebuilt = _build_for_check({"type": name, "kwargs": kwargs})
     except (ValueError, TypeError) as error:
         return {"type": name, "error": str(error)}
     if repr(rebuilt) != repr(module) or _structure(rebuilt) != _structure(module):
         return {"type": name, "error": f"rebuilding from {kwargs} gives {rebuilt!r}, not {module!r}"}
     return {"type": name, "kwargs": kwargs}
+
+
+def _build_for_check(description: dict[str, Any]) -> nn.Module:
+    """Build a layer only to compare it with the described one, at no cost to the caller.
+
+    On the meta device where the class takes ``device=`` (no memory, no
+    initialisation arithmetic), and always under a forked random stream: a
+    check must not change what a seeded script draws next.
+    """
+    with torch.random.fork_rng(devices=[]):
+        cls, arguments = check_description(description)
+        if "device" in inspect.signature(cls.__init__).parameters or issubclass(cls, RNNBase):
+            try:
+                return cls(**arguments, device="meta")
+            except (TypeError, ValueError, RuntimeError, NotImplementedError):
+                pass  # a layer whose initialisation has no meta kernel: build it for real
+        return build_layer(description)
 
 
 def _argument(value: Any, where: str) -> Any:
@@ -246,6 +265,22 @@ def input_specs(graph_module: fx.GraphModule) -> list[dict[str, Any]] | None:
             return None
         specs.append({"shape": [int(size) for size in meta.shape], "dtype": dtype_name(meta.dtype)})
     return specs or None
+
+
+def restore_meta(graph_module: fx.GraphModule) -> None:
+    """Put the recipe, trace options and class name kept as attributes back into ``graph_module.meta``.
+
+    Needed after unpickling, before anything deep-copies the GraphModule
+    (``fxindex.replace`` without ``inplace`` does): a deep copy keeps ``meta``
+    but not those attributes. A no-op when ``meta`` already has them.
+    """
+    for key, attribute in (
+        (RECIPE_KEY, _RECIPE_ATTRIBUTE),
+        (TRACE_OPTIONS_KEY, _TRACE_ATTRIBUTE),
+        (MODEL_CLASS_KEY, _MODEL_CLASS_ATTRIBUTE),
+    ):
+        if key not in graph_module.meta and attribute in graph_module.__dict__:
+            graph_module.meta[key] = graph_module.__dict__[attribute]
 
 
 def _edit_list(graph_module: fx.GraphModule) -> list[dict[str, Any]] | None:

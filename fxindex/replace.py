@@ -23,6 +23,7 @@ from fxindex.plan import Plan
 from fxindex.propagate import Target, build_plan
 from fxindex.recipe import describe_layer, record_edit
 from fxindex.rules import Widths, find_widths
+from fxindex.speed import speed_up
 
 __all__ = ["replace", "plan", "remove", "insert", "apply_plan"]
 
@@ -135,6 +136,9 @@ def _unique_name(graph_module: fx.GraphModule, target: str, *, plain_first: bool
 def apply_plan(graph_module: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     """Install ``plan`` into ``graph_module`` (in place): modules, arguments, shapes; lint; recompile.
 
+    The result is recompiled through :func:`~fxindex.speed.speed_up`, so it
+    runs at eager speed.
+
     A module used by several call sites is replaced under its own name only
     when every site gets the same new module; otherwise each changed site gets
     its module under a new unique name (``relu_1``) and the others keep theirs.
@@ -171,10 +175,11 @@ def apply_plan(graph_module: fx.GraphModule, plan: Plan) -> fx.GraphModule:
             node.target = installed[id(edit.module)]
     for edit in plan.edits:
         node = nodes[edit.node]
+        # The plan was computed on the source graph; a copy has its own nodes, found by name.
         if edit.args is not None:
-            node.args = edit.args
+            node.args = fx.node.map_arg(edit.args, lambda arg: nodes[arg.name])
         if edit.kwargs is not None:
-            node.kwargs = edit.kwargs
+            node.kwargs = fx.node.map_arg(edit.kwargs, lambda arg: nodes[arg.name])
         if edit.action == "remove":
             target = node.target
             node.replace_all_uses_with(node.args[0])
@@ -188,8 +193,8 @@ def apply_plan(graph_module: fx.GraphModule, plan: Plan) -> fx.GraphModule:
             else:
                 nodes[name].meta["tensor_meta"] = meta
     graph.lint()
-    graph_module.recompile()
-    return graph_module
+    # speed_up recompiles; it also gives a GraphModule traced elsewhere eager-speed code.
+    return speed_up(graph_module)
 
 
 def _with_context(error: FxIndexError, caller: str) -> FxIndexError:
