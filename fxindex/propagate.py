@@ -23,7 +23,13 @@ from fxindex.errors import EditError, PropagationError, ShapeMismatchError, Shap
 from fxindex.plan import Plan, PlannedEdit
 from fxindex.rules import ChannelChange, Outcome, Step, Widths, find_rule, find_widths
 from fxindex.rules.registry import describe_target
-from fxindex.shapes import TensorMetadata, fake_tensor_like, make_fake_mode, preserving_buffers, tensor_meta
+from fxindex.shapes import (
+    TensorMetadata,
+    fake_tensor_like,
+    make_fake_mode,
+    preserving_buffers,
+    quiet_fake_errors,
+)
 
 __all__ = ["build_plan", "Target"]
 
@@ -147,7 +153,7 @@ class _Planner:
         assert self.mode is not None
         args = map_aggregate(args, lambda a: self.value_of(a) if isinstance(a, fx.Node) else a)
         kwargs = map_aggregate(kwargs, lambda a: self.value_of(a) if isinstance(a, fx.Node) else a)
-        with self.mode:
+        with self.mode, quiet_fake_errors():
             if node.op == "call_module":
                 return module(*args, **kwargs)
             if node.op == "call_function":

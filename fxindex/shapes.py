@@ -10,6 +10,7 @@ to one real forward only where fake propagation fails (data-dependent ops).
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -29,6 +30,7 @@ __all__ = [
     "make_fake_mode",
     "fake_tensor_like",
     "preserving_buffers",
+    "quiet_fake_errors",
 ]
 
 
@@ -65,6 +67,23 @@ def fake_tensor_like(meta: TensorMetadata, mode: FakeTensorMode) -> torch.Tensor
         if meta.memory_format is not None and meta.memory_format != torch.contiguous_format:
             tensor = tensor.contiguous(memory_format=meta.memory_format)
         return tensor
+
+
+@contextlib.contextmanager
+def quiet_fake_errors() -> Iterator[None]:
+    """Silence torch's log of failed fake kernels inside the block.
+
+    FakeTensorMode logs a full traceback when an op fails on fake tensors,
+    before raising; fxindex catches that error and reports it in one line, so
+    the log would only repeat it as noise on stderr.
+    """
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -161,7 +180,7 @@ def record_shapes(graph_module: fx.GraphModule, example_inputs: tuple[Any, ...])
             fake_inputs = tuple(
                 mode.from_tensor(value) if isinstance(value, torch.Tensor) else value for value in example_inputs
             )
-            with mode:
+            with mode, quiet_fake_errors():
                 _ShapeRecorder(graph_module, metas).run(*fake_inputs)
         except Exception:
             # Data-dependent ops (.item(), nonzero) have no fake kernel: fall back to one real run.

@@ -375,3 +375,69 @@ def test_main_reads_sys_argv(capsys: pytest.CaptureFixture[str], monkeypatch: py
     monkeypatch.setattr(sys, "argv", ["fxindex", "demo"])
     assert cli.main() == 0
     assert "nested.0" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def test_bench_original_against_rebuilt(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    status, out, err = run_cli(
+        capsys,
+        "bench",
+        "fxindex:examples.SeedModel",
+        "--input",
+        "2x3x28x28",
+        "--replace",
+        "0=Conv2d(3, 21, 3)",
+        "--replace",
+        "nested.1=Linear(16, 4)",
+        "--min-run-time",
+        "0.01",
+        "--json",
+        str(report_path),
+    )
+    assert status == 0, err
+    rows = table_rows(out)
+    assert {"original", "rebuilt"} <= set(rows)
+    report = fxindex.BenchReport.from_json(str(report_path))
+    rebuilt = report["rebuilt"]
+    # conv1 has 21 filters now (588 parameters instead of 448): the rebuilt row counts them.
+    extra = (21 - 16) * (27 + 1) + (21 - 16) * 26 * 26 * 128 - (8 - 4) * (16 + 1)
+    assert rebuilt.num_parameters - report["original"].num_parameters == extra
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("4=__import__('os').system('touch /tmp/fxindex-pwned')", "torch.nn class name"),
+        ("4=torch.nn.Linear(32, 21)", "torch.nn class name"),
+        ("4=(lambda: Linear(1, 2))()", "torch.nn class name"),
+        ("4=Linear(*[32, 21])", r"\*args"),
+        ("4=Linear(in_features=x, out_features=3)", "not a literal"),
+        ("4=Module()", "not a torch.nn layer class"),
+        ("4=system('x')", "not a torch.nn layer class"),
+        ("4Linear(32, 21)", "INDEX=LAYER"),
+        ("=Linear(32, 21)", "INDEX=LAYER"),
+        ("a b=Linear(32, 21)", "neither a layer index"),
+    ],
+)
+def test_bench_refuses_bad_replace_specs(capsys: pytest.CaptureFixture[str], spec: str, expected: str) -> None:
+    line = assert_one_line_error(
+        *run_cli(capsys, "bench", "fxindex:examples.SeedModel", "--input", "2x3x28x28", "--replace", spec)
+    )
+    assert "--replace" in line
+    assert __import__("re").search(expected, line), line
+    assert not Path("/tmp/fxindex-pwned").exists()
+
+
+def test_bench_needs_an_input(capsys: pytest.CaptureFixture[str]) -> None:
+    line = assert_one_line_error(*run_cli(capsys, "bench", "fxindex:examples.SeedModel"))
+    assert "--input" in line
+
+
+def test_bench_replacement_fxindex_refuses(capsys: pytest.CaptureFixture[str]) -> None:
+    line = assert_one_line_error(
+        *run_cli(capsys, "bench", "fxindex:examples.SeedModel", "--input", "2x3x28x28", "--replace", "0=Linear(3, 3)")
+    )
+    assert "layer 0" in line and "cannot read" in line
