@@ -28,6 +28,7 @@ from fxindex.errors import (
     EditError,
 )
 from fxindex.index import LayerEntry, LayerIndex, index
+from fxindex.io import load, save
 from fxindex.plan import Plan, PlannedEdit
 from fxindex.replace import insert, plan, remove, replace
 from fxindex.rules import register_rule
@@ -60,12 +61,14 @@ __all__ = [
     "index",
     "insert",
     "is_sped_up",
+    "load",
     "plan",
     "recipe",
     "record_shapes",
     "register_rule",
     "remove",
     "replace",
+    "save",
     "speed_up",
     "table",
     "trace",

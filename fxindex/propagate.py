@@ -115,6 +115,11 @@ class _Planner:
         placeholders = [node for node in graph_module.graph.nodes if node.op == "placeholder"]
         self.has_shapes = bool(placeholders) and all("tensor_meta" in node.meta for node in placeholders)
         self.mode = make_fake_mode() if self.has_shapes else None
+        # TensorMetadata has no device: activations live where the weights do.
+        first = next(iter(graph_module.parameters()), None)
+        if first is None:
+            first = next(iter(graph_module.buffers()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
         self.values: dict[fx.Node, Any] = {}
         self.changes: dict[fx.Node, ChannelChange] = {}
         self.dirty: set[fx.Node] = set()
@@ -143,7 +148,7 @@ class _Planner:
     def fake_from_meta(self, meta: Any) -> Any:
         # Not map_aggregate: TensorMetadata is itself a NamedTuple and would be taken apart.
         if isinstance(meta, TensorMetadata):
-            return fake_tensor_like(meta, self.mode)
+            return fake_tensor_like(meta, self.mode, self.device)
         if isinstance(meta, (tuple, list)):
             return type(meta)(self.fake_from_meta(item) for item in meta)
         return meta
@@ -155,7 +160,10 @@ class _Planner:
         kwargs = map_aggregate(kwargs, lambda a: self.value_of(a) if isinstance(a, fx.Node) else a)
         with self.mode, quiet_fake_errors():
             if node.op == "call_module":
-                return module(*args, **kwargs)
+                # New and rebuilt modules are not inside the graph module's buffer guard:
+                # a BatchNorm in train mode would count the fake run as a batch.
+                with preserving_buffers(module):
+                    return module(*args, **kwargs)
             if node.op == "call_function":
                 return node.target(*args, **kwargs)
             if node.op == "call_method":
@@ -200,7 +208,8 @@ class _Planner:
                     "teach fxindex this op with @fxindex.register_rule(<module type, function or method name>)",
                     node.name,
                 )
-            step = Step(node, old_module, tensor_changes, {arg: self.new_metas[arg] for arg in tensor_changes if arg in self.new_metas})
+            new_metas = {arg: self.new_metas[arg] for arg in tensor_changes if arg in self.new_metas}
+            step = Step(node, old_module, tensor_changes, new_metas, has_shapes=self.has_shapes)
             outcome = rule(step)
         module = outcome.module if outcome.module is not None else old_module
         args = outcome.args if outcome.args is not None else node.args

@@ -21,7 +21,7 @@ from fxindex.errors import FxIndexError
 from fxindex.index import LayerIndex, as_graph_module
 from fxindex.plan import Plan
 from fxindex.propagate import Target, build_plan
-from fxindex.recipe import describe_layer, record_edit
+from fxindex.recipe import describe_layer, record_edit, restore_meta
 from fxindex.rules import Widths, find_widths
 from fxindex.speed import speed_up
 
@@ -111,7 +111,11 @@ def _edited(graph_module: fx.GraphModule, inplace: bool) -> fx.GraphModule:
 
     Copying after planning means a refused edit costs no copy at all.
     """
-    return graph_module if inplace else copy.deepcopy(graph_module)
+    if inplace:
+        return graph_module
+    # An unpickled GraphModule keeps its recipe as attributes only, which deepcopy drops.
+    restore_meta(graph_module)
+    return copy.deepcopy(graph_module)
 
 
 def _working_copy(model: nn.Module, example_inputs: tuple[Any, ...] | None, inplace: bool, caller: str) -> fx.GraphModule:

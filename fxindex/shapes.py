@@ -60,10 +60,10 @@ def make_fake_mode() -> FakeTensorMode:
 _shared = threading.local()
 
 
-def fake_tensor_like(meta: TensorMetadata, mode: FakeTensorMode) -> torch.Tensor:
-    """A fake tensor with ``meta``'s shape, dtype and memory format."""
+def fake_tensor_like(meta: TensorMetadata, mode: FakeTensorMode, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A fake tensor with ``meta``'s shape, dtype and memory format, on ``device``."""
     with mode:
-        tensor = torch.empty(meta.shape, dtype=meta.dtype)
+        tensor = torch.empty(meta.shape, dtype=meta.dtype, device=device)
         if meta.memory_format is not None and meta.memory_format != torch.contiguous_format:
             tensor = tensor.contiguous(memory_format=meta.memory_format)
         return tensor

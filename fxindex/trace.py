@@ -157,6 +157,7 @@ def trace(
     graph_module = fx.GraphModule(tracer.root, graph, name)
     # How this graph was traced, so a saved recipe can be replayed on a fresh trace.
     graph_module.meta[TRACE_OPTIONS_KEY] = {
+        "model_class": name,
         "leaf_types": [f"{cls.__module__}:{cls.__qualname__}" for cls in leaf_types],
         "leaf_names": sorted(leaf_names),
     }

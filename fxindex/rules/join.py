@@ -61,8 +61,9 @@ def join_operands(step: Step, operands: list[Any]) -> ChannelChange:
     first = step.changes[changed[0]]
     conflict = [node for node in changed[1:] if not _same_change(first, step.changes[node])]
     unchanged = [node for node in nodes if node not in step.changes and not _broadcasts(step, node, first)]
-    # A node with no tensor metadata may be a Python number (x.size(1)); only tensors conflict.
-    unchanged = [node for node in unchanged if step.old_meta(node) is not None or not step.new_metas]
+    # With shapes recorded, a node without tensor metadata is a Python number (x.size(1)): only tensors
+    # conflict. Without shapes, any node may be a tensor of the old width: refuse rather than guess.
+    unchanged = [node for node in unchanged if step.old_meta(node) is not None or not step.has_shapes]
     if conflict or unchanged:
         branches = ", ".join(_shape_text(step, node) for node in nodes)
         raise step.fail(

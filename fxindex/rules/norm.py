@@ -39,8 +39,8 @@ def _channel_change(step: Step) -> ChannelChange:
     """The input change, checked to be on the channel dimension (dim 1, or 0 unbatched)."""
     change = step.input_change()
     rank = step.rank(step.node.args[0])
-    # A Linear's output (dim -1, rank unknown) feeding a BatchNorm1d is (N, C): channels are last.
-    if rank is None and change.dim == -1 and isinstance(step.module, (nn.BatchNorm1d, nn.InstanceNorm1d)):
+    # A Linear's output (dim -1, rank unknown) read as channels can only be (N, C): channels are last.
+    if rank is None and change.dim == -1:
         return change
     channel_dim = 1 if rank is None or rank > 1 else 0
     if not change.reads(channel_dim, rank):

@@ -82,6 +82,12 @@ class ChannelChange:
         rank = self.rank if self.rank is not None else rank
         if rank is not None:
             return dim % rank == self.dim % rank
+        if dim != self.dim and (dim < 0) != (self.dim < 0):
+            # dim 1 and dim -1 are the same dimension of a matrix, different ones of an image.
+            raise ShapesRequiredError(
+                f"cannot tell whether dim {dim} is the changed dim {self.dim} without the tensor's rank: "
+                "pass example_inputs=(...) so shapes are recorded"
+            )
         return dim == self.dim
 
     def moved_to(self, dim: int, rank: int | None) -> ChannelChange:
@@ -126,12 +132,15 @@ class Step:
         changes: the changes of this node's changed input nodes.
         new_metas: metadata of inputs after the edit (changed inputs only),
             when shapes are known.
+        has_shapes: whether the graph's shapes are recorded (then a node
+            without metadata holds a Python value, not a tensor).
     """
 
     node: fx.Node
     module: nn.Module | None
     changes: dict[fx.Node, ChannelChange]
     new_metas: dict[fx.Node, TensorMetadata] = field(default_factory=dict)
+    has_shapes: bool = False
 
     def input_change(self, argument: Any | None = None) -> ChannelChange:
         """The change of ``argument`` (default: the node's first argument).
