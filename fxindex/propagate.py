@@ -158,12 +158,13 @@ class _Planner:
         assert self.mode is not None
         args = map_aggregate(args, lambda a: self.value_of(a) if isinstance(a, fx.Node) else a)
         kwargs = map_aggregate(kwargs, lambda a: self.value_of(a) if isinstance(a, fx.Node) else a)
+        if node.op == "call_module":
+            # New and rebuilt modules are not inside the graph module's buffer guard: a
+            # BatchNorm in train mode would count the fake run as a batch. The guard's
+            # copies must be real tensors, so it is entered outside the fake mode.
+            with preserving_buffers(module), self.mode, quiet_fake_errors():
+                return module(*args, **kwargs)
         with self.mode, quiet_fake_errors():
-            if node.op == "call_module":
-                # New and rebuilt modules are not inside the graph module's buffer guard:
-                # a BatchNorm in train mode would count the fake run as a batch.
-                with preserving_buffers(module):
-                    return module(*args, **kwargs)
             if node.op == "call_function":
                 return node.target(*args, **kwargs)
             if node.op == "call_method":

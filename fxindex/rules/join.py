@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from fxindex.errors import ShapesRequiredError
 from fxindex.rules.registry import ChannelChange, Outcome, Step, argument, register_rule
 
 _BINARY = (
@@ -62,8 +63,14 @@ def join_operands(step: Step, operands: list[Any]) -> ChannelChange:
     conflict = [node for node in changed[1:] if not _same_change(first, step.changes[node])]
     unchanged = [node for node in nodes if node not in step.changes and not _broadcasts(step, node, first)]
     # With shapes recorded, a node without tensor metadata is a Python number (x.size(1)): only tensors
-    # conflict. Without shapes, any node may be a tensor of the old width: refuse rather than guess.
-    unchanged = [node for node in unchanged if step.old_meta(node) is not None or not step.has_shapes]
+    # conflict. Without shapes, an unchanged operand may broadcast or may not: ask for shapes.
+    if not step.has_shapes and unchanged and not conflict:
+        names = ", ".join(f"'{node.name}'" for node in unchanged)
+        raise ShapesRequiredError(
+            f"node '{step.node.name}' joins the changed input with {names}, whose shape is unknown: "
+            "pass example_inputs=(...) to tell whether it broadcasts or conflicts"
+        )
+    unchanged = [node for node in unchanged if step.old_meta(node) is not None]
     if conflict or unchanged:
         branches = ", ".join(_shape_text(step, node) for node in nodes)
         raise step.fail(

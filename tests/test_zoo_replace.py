@@ -1,0 +1,140 @@
+"""Zoo sweep: widen every Conv2d (groups=1) and Linear call site of torchvision's models.
+
+Each site is replaced by a copy with 8 more outputs whose first outputs copy
+the old ones. Exactly one of these must happen, else the test fails:
+
+- the rebuilt model gives the original's outputs (on the original's slots);
+- the plan marks the edit as crossing a normalisation (LayerNorm, GroupNorm...)
+  and the rebuilt model runs with the right output shape;
+- replace raises PropagationError (a residual join, a grouped convolution, a
+  channel shuffle) and the original graph and parameters are untouched.
+
+Models with no residual joins must succeed at every site. Each test prints
+the share of sites that succeed.
+
+Cost: a replace deep-copies the model, so the sweep visits every site of
+models up to ``FULL_SWEEP_PARAMETERS`` parameters and an evenly spread sample
+of ``SAMPLED_SITES`` sites of bigger ones (their names are listed below with
+the reason). ``FXINDEX_FULL_ZOO=1`` sweeps every site of every model.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import zoo
+from torch import nn
+
+import fxindex
+
+FULL_SWEEP_PARAMETERS = 30_000_000
+SAMPLED_SITES = 6
+FULL_ZOO = os.environ.get("FXINDEX_FULL_ZOO") == "1"
+
+# Models without residual joins, channel shuffles or grouped convolutions: every site must succeed.
+MUST_SUCCEED = ("alexnet", "vgg", "squeezenet", "densenet", "googlenet", "inception_v3")
+
+# Models left out of the sweep, with the reason.
+EXCLUDED: dict[str, str] = {
+    # Hundreds of millions of parameters: one deep copy per site takes longer than the rest of the sweep.
+    "regnet_y_128gf": "644M parameters; regnet_y_400mf covers the architecture",
+    "vit_h_14": "632M parameters; vit_b_16 covers the architecture",
+}
+
+SWEEP_MODELS = [name for name in zoo.TRACEABLE_MODELS if name not in EXCLUDED]
+
+
+def widened(module: nn.Module, extra: int = 8) -> nn.Module:
+    """A copy of a Linear or Conv2d with ``extra`` more outputs, the first ones copied."""
+    if isinstance(module, nn.Linear):
+        wider: nn.Module = nn.Linear(module.in_features, module.out_features + extra, bias=module.bias is not None)
+    else:
+        assert isinstance(module, nn.Conv2d)
+        wider = nn.Conv2d(
+            module.in_channels,
+            module.out_channels + extra,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            1,
+            module.bias is not None,
+            module.padding_mode,
+        )
+    wider = wider.to(module.weight.dtype)
+    with torch.no_grad():
+        wider.weight[: module.weight.shape[0]] = module.weight
+        if module.bias is not None:
+            wider.bias[: module.bias.shape[0]] = module.bias
+    return wider
+
+
+def sites_to_sweep(layers: fxindex.LayerIndex, parameters: int) -> list[int]:
+    sites = [
+        entry.index
+        for entry in layers
+        if isinstance(entry.module, nn.Linear) or (isinstance(entry.module, nn.Conv2d) and entry.module.groups == 1)
+    ]
+    if FULL_ZOO or parameters <= FULL_SWEEP_PARAMETERS or len(sites) <= SAMPLED_SITES:
+        return sites
+    step = (len(sites) - 1) / (SAMPLED_SITES - 1)
+    return sorted({sites[round(k * step)] for k in range(SAMPLED_SITES)})
+
+
+def first_output(value: object) -> torch.Tensor:
+    return value[0] if isinstance(value, (tuple, list)) else value  # type: ignore[index,return-value]
+
+
+def assert_original_untouched(gm: torch.fx.GraphModule, code: str, state: dict[str, torch.Tensor]) -> None:
+    assert gm.code == code
+    current = gm.state_dict()
+    assert current.keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(current[key], value), key
+
+
+@pytest.mark.parametrize("name", SWEEP_MODELS)
+def test_widen_every_site(name: str) -> None:
+    model, inputs = zoo.build_zoo_model(name)
+    gm = fxindex.trace(model, example_inputs=inputs)
+    with torch.no_grad():
+        reference = first_output(gm(*inputs))
+    layers = fxindex.index(gm)
+    parameters = sum(p.numel() for p in gm.parameters())
+    code = gm.code
+    state = {key: value.clone() for key, value in gm.state_dict().items()}
+    sites = sites_to_sweep(layers, parameters)
+    outcomes = {"same output": 0, "crosses a normalisation": 0, "PropagationError": 0}
+    for site in sites:
+        entry = layers[site]
+        new_layer = widened(entry.module)
+        try:
+            steps = fxindex.plan(gm, site, new_layer)
+            rebuilt = fxindex.replace(gm, site, new_layer)
+        except fxindex.PropagationError as error:
+            assert f"layer {site}" in str(error) or "node" in str(error)
+            outcomes["PropagationError"] += 1
+            assert_original_untouched(gm, code, state)
+            continue
+        rebuilt.graph.lint()
+        with torch.no_grad():
+            output = first_output(rebuilt(*inputs))
+        if steps.changes_output:
+            # The widened layer is the head: compare the original's slots only.
+            assert output.shape[:-1] == reference.shape[:-1]
+            output = output[..., : reference.shape[-1]]
+        assert output.shape == reference.shape, f"{entry.target}: output {tuple(output.shape)}"
+        if steps.preserves_function:
+            torch.testing.assert_close(output, reference, atol=1e-4, rtol=1e-4, msg=f"site {site} {entry.target}")
+            outcomes["same output"] += 1
+        else:
+            assert steps.breaks_function, "a non-preserving plan names the node that breaks it"
+            outcomes["crosses a normalisation"] += 1
+        assert_original_untouched(gm, code, state)
+    succeeded = outcomes["same output"] + outcomes["crosses a normalisation"]
+    print(f"\n{name}: {succeeded}/{len(sites)} sites succeed ({outcomes})")
+    assert sum(outcomes.values()) == len(sites)
+    if name.startswith(MUST_SUCCEED):
+        assert outcomes["PropagationError"] == 0, f"{name} has no residual joins: every site must succeed"
