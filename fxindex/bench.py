@@ -777,8 +777,10 @@ def bench(
                 label="fxindex.bench",
                 description=entry.row.name,
             )
-        for _ in range(rounds):
-            for entry in live:
+        for round_number in range(rounds):
+            # Rotate the order each round, so no model always runs first (or right after another).
+            shift = round_number % len(live) if live else 0
+            for entry in live[shift:] + live[:shift]:
                 if entry.row.error is not None:  # failed in an earlier round
                     continue
                 assert entry.model is not None

@@ -66,8 +66,10 @@ class Plan:
         """True when old channels keep their values wherever the change travels.
 
         Widening whose new outputs copy old ones then leaves the model's output
-        unchanged (new input slots of consumers start at zero); narrowing keeps
-        it when the dropped channels carried nothing.
+        unchanged (new input slots of consumers start at zero). An edit that
+        drops channels (narrowing, pruning with ``keep=``) is not preserving:
+        the output stays the same only if the dropped channels carried nothing,
+        which the plan cannot know; ``breaks_function`` says so.
         """
         return not self.breaks_function
 

@@ -284,6 +284,16 @@ class _Planner:
             self.changes[node] = change
             self.new_metas[node] = new_meta
             self.dirty.add(node)
+            dropped = change.old_size - change.kept
+            if dropped:
+                # Narrowing or pruning: the output stays the same only if those channels carried nothing.
+                self.plan.breaks_function.append(
+                    (
+                        node.name,
+                        f"drops {dropped} of {change.old_size} old channels; the output is unchanged only if "
+                        "they carried nothing",
+                    )
+                )
         elif new_meta is None and self.mode is not None:
             self.dirty.add(node)
         self.plan.edits.append(

@@ -12,10 +12,15 @@ the old ones. Exactly one of these must happen, else the test fails:
 Models with no residual joins must succeed at every site. Each test prints
 the share of sites that succeed.
 
-Cost: a replace deep-copies the model, so the sweep visits every site of
-models up to ``FULL_SWEEP_PARAMETERS`` parameters and an evenly spread sample
-of ``SAMPLED_SITES`` sites of bigger ones (their names are listed below with
-the reason). ``FXINDEX_FULL_ZOO=1`` sweeps every site of every model.
+Cost: a replace deep-copies the model and re-plans the graph downstream of
+the site, so a full sweep of the zoo takes over an hour on two cores. CI visits
+every site of models with at most ``FULL_SWEEP_SITES`` sites and
+``FULL_SWEEP_PARAMETERS`` parameters (and of ``ALWAYS_FULL``), and an evenly
+spread sample of ``SAMPLED_SITES`` sites, first and last included, of the
+others. ``FXINDEX_FULL_ZOO=1`` sweeps every site of every model.
+
+Random weights let activations grow to 1e8 in deep models, so outputs are
+compared with a tolerance relative to the output's magnitude.
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ from torch import nn
 import fxindex
 
 FULL_SWEEP_PARAMETERS = 30_000_000
-SAMPLED_SITES = 6
+FULL_SWEEP_SITES = 60
+SAMPLED_SITES = 12
+# Swept at every site whatever their size: the one DenseNet that must succeed everywhere in CI.
+ALWAYS_FULL = ("densenet121",)
 FULL_ZOO = os.environ.get("FXINDEX_FULL_ZOO") == "1"
 
 # Models without residual joins, channel shuffles or grouped convolutions: every site must succeed.
@@ -71,13 +79,18 @@ def widened(module: nn.Module, extra: int = 8) -> nn.Module:
     return wider
 
 
-def sites_to_sweep(layers: fxindex.LayerIndex, parameters: int) -> list[int]:
-    sites = [
+def eligible_sites(layers: fxindex.LayerIndex) -> list[int]:
+    """Every Linear and Conv2d (groups=1) call site."""
+    return [
         entry.index
         for entry in layers
         if isinstance(entry.module, nn.Linear) or (isinstance(entry.module, nn.Conv2d) and entry.module.groups == 1)
     ]
-    if FULL_ZOO or parameters <= FULL_SWEEP_PARAMETERS or len(sites) <= SAMPLED_SITES:
+
+
+def sites_to_sweep(name: str, sites: list[int], parameters: int) -> list[int]:
+    small = parameters <= FULL_SWEEP_PARAMETERS and len(sites) <= FULL_SWEEP_SITES
+    if FULL_ZOO or small or name in ALWAYS_FULL or len(sites) <= SAMPLED_SITES:
         return sites
     step = (len(sites) - 1) / (SAMPLED_SITES - 1)
     return sorted({sites[round(k * step)] for k in range(SAMPLED_SITES)})
@@ -105,7 +118,8 @@ def test_widen_every_site(name: str) -> None:
     parameters = sum(p.numel() for p in gm.parameters())
     code = gm.code
     state = {key: value.clone() for key, value in gm.state_dict().items()}
-    sites = sites_to_sweep(layers, parameters)
+    eligible = eligible_sites(layers)
+    sites = sites_to_sweep(name, eligible, parameters)
     outcomes = {"same output": 0, "crosses a normalisation": 0, "PropagationError": 0}
     for site in sites:
         entry = layers[site]
@@ -127,14 +141,18 @@ def test_widen_every_site(name: str) -> None:
             output = output[..., : reference.shape[-1]]
         assert output.shape == reference.shape, f"{entry.target}: output {tuple(output.shape)}"
         if steps.preserves_function:
-            torch.testing.assert_close(output, reference, atol=1e-4, rtol=1e-4, msg=f"site {site} {entry.target}")
+            scale = max(1.0, reference.abs().max().item())
+            torch.testing.assert_close(
+                output, reference, atol=1e-5 * scale, rtol=1e-4, msg=f"site {site} {entry.target}"
+            )
             outcomes["same output"] += 1
         else:
             assert steps.breaks_function, "a non-preserving plan names the node that breaks it"
             outcomes["crosses a normalisation"] += 1
         assert_original_untouched(gm, code, state)
     succeeded = outcomes["same output"] + outcomes["crosses a normalisation"]
-    print(f"\n{name}: {succeeded}/{len(sites)} sites succeed ({outcomes})")
+    swept = "every site" if len(sites) == len(eligible) else f"{len(sites)} of {len(eligible)} sites"
+    print(f"\n{name} ({swept}): {succeeded}/{len(sites)} succeed ({outcomes})")
     assert sum(outcomes.values()) == len(sites)
     if name.startswith(MUST_SUCCEED):
         assert outcomes["PropagationError"] == 0, f"{name} has no residual joins: every site must succeed"

@@ -66,7 +66,7 @@ def _propagate_depthwise(step: Step, module: _ConvNd, change: ChannelChange) -> 
     return Outcome(
         output=output,
         module=rebuilt,
-        weights=describe_slots(output, "depthwise filters") + " (new ones freshly initialised, bias zero)",
+        weights=describe_slots(output, "depthwise filters", new_as="freshly initialised, bias zero"),
     )
 
 
@@ -84,7 +84,7 @@ def propagate_conv(step: Step) -> Outcome:
         return Outcome(
             output=None,
             module=rebuild(module, attributes={"in_channels": change.new_size}, parameters={"weight": weight}),
-            weights=describe_slots(change, "in-channels") + " (new ones zero); bias kept",
+            weights=describe_slots(change, "in-channels", new_as="zero") + "; bias kept",
         )
     if module.groups == module.in_channels:
         return _propagate_depthwise(step, module, change)
@@ -109,5 +109,5 @@ def propagate_conv_transpose(step: Step) -> Outcome:
     return Outcome(
         output=None,
         module=rebuild(module, attributes={"in_channels": change.new_size}, parameters={"weight": weight}),
-        weights=describe_slots(change, "in-channels") + " (new ones zero); bias kept",
+        weights=describe_slots(change, "in-channels", new_as="zero") + "; bias kept",
     )

@@ -25,7 +25,7 @@ def propagate_linear(step: Step) -> Outcome:
     return Outcome(
         output=None,
         module=rebuild(module, attributes={"in_features": change.new_size}, parameters={"weight": weight}),
-        weights=describe_slots(change, "in-features") + " (new ones zero); bias kept",
+        weights=describe_slots(change, "in-features", new_as="zero") + "; bias kept",
     )
 
 
@@ -45,9 +45,9 @@ def propagate_bilinear(step: Step) -> Outcome:
                 raise step.fail(f"Bilinear reads the last dimension but input {position + 1} changes on {change.describe()}")
             weight = remap(weight, dim, change.mapping)
             attributes[attribute] = change.new_size
-            accounts.append(describe_slots(change, f"input-{position + 1} features"))
+            accounts.append(describe_slots(change, f"input-{position + 1} features", new_as="zero"))
     return Outcome(
         output=None,
         module=rebuild(module, attributes=attributes, parameters={"weight": weight}),
-        weights="; ".join(accounts) + " (new ones zero); bias kept",
+        weights="; ".join(accounts) + "; bias kept",
     )

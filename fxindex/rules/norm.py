@@ -58,7 +58,7 @@ def propagate_channel_norm(step: Step) -> Outcome:
     return Outcome(
         output=change,
         module=rebuild(module, attributes={"num_features": change.new_size}, parameters=parameters, buffers=buffers),
-        weights=describe_slots(change, "channels") + " (new ones identity)",
+        weights=describe_slots(change, "channels", new_as="identity"),
     )
 
 
@@ -76,7 +76,7 @@ def propagate_group_norm(step: Step) -> Outcome:
     return Outcome(
         output=change,
         module=rebuild(module, attributes={"num_channels": change.new_size}, parameters=parameters),
-        weights=describe_slots(change, "channels") + " (new ones identity)",
+        weights=describe_slots(change, "channels", new_as="identity"),
         preserves_function=False,
         reason="GroupNorm normalises across channels of a group: new channels change the statistics",
     )
@@ -108,7 +108,7 @@ def propagate_layer_norm(step: Step) -> Outcome:
     return Outcome(
         output=change,
         module=rebuild(module, attributes={"normalized_shape": tuple(new_shape)}, parameters=parameters),
-        weights=describe_slots(change, "features") + " (new ones identity)",
+        weights=describe_slots(change, "features", new_as="identity"),
         preserves_function=False,
         reason="LayerNorm normalises across the changed dimension: new features change the statistics",
     )
@@ -125,5 +125,5 @@ def propagate_prelu(step: Step) -> Outcome:
     return Outcome(
         output=change,
         module=rebuild(module, attributes={"num_parameters": change.new_size}, parameters={"weight": weight}),
-        weights=describe_slots(change, "slopes") + " (new ones at the initial slope)",
+        weights=describe_slots(change, "slopes", new_as="at the initial slope"),
     )

@@ -30,5 +30,5 @@ def propagate_recurrent(step: Step) -> Outcome:
     return Outcome(
         output=None,
         module=rebuild(module, attributes={"input_size": change.new_size}, parameters=parameters),
-        weights=describe_slots(change, "input features") + " (new ones zero); hidden weights kept",
+        weights=describe_slots(change, "input features", new_as="zero") + "; hidden weights kept",
     )

@@ -354,13 +354,19 @@ def remap(tensor: torch.Tensor, dim: int, mapping: Sequence[int | None], fresh: 
     return result
 
 
-def describe_slots(change: ChannelChange, what: str) -> str:
-    """``"16 of 21 in-features kept, 5 new (zero)"``-style account of a remap."""
+def describe_slots(change: ChannelChange, what: str, new_as: str = "zero") -> str:
+    """``"16/21 in-features kept, 5 new (zero)"``-style account of a remap.
+
+    Args:
+        change: the remap.
+        what: what the slots are (``"in-features"``).
+        new_as: how new slots start, said only when there are new slots.
+    """
     new = change.new_size - change.kept
     dropped = change.old_size - change.kept
     parts = [f"{change.kept}/{change.new_size} {what} kept"]
     if new:
-        parts.append(f"{new} new")
+        parts.append(f"{new} new ({new_as})")
     if dropped:
         parts.append(f"{dropped} dropped")
     return ", ".join(parts)
