@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.fx.node import map_aggregate
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from fxindex.errors import EditError, PropagationError, ShapeMismatchError, ShapesRequiredError
 from fxindex.plan import Plan, PlannedEdit
@@ -27,6 +26,7 @@ from fxindex.shapes import (
     TensorMetadata,
     fake_tensor_like,
     make_fake_mode,
+    meta_of,
     preserving_buffers,
     quiet_fake_errors,
 )
@@ -227,7 +227,7 @@ class _Planner:
                     node.name,
                 ) from error
             self.values[node] = result
-            new_meta = _meta_of(result)
+            new_meta = meta_of(result)
             self.check_shape(node, new_meta, outcome.output)
         if outcome.output is not None:
             self.changes[node] = outcome.output
@@ -275,7 +275,7 @@ class _Planner:
                     f"that {_short(old_module)} read ({inputs}): {type(error).__name__}: {error}"
                 ) from error
             self.values[node] = result
-            new_meta = _meta_of(result)
+            new_meta = meta_of(result)
             change = self.target_change_from_shapes(node, target, new_meta)
         else:
             new_meta = None
@@ -419,20 +419,6 @@ def _fetch_attr(graph_module: fx.GraphModule, target: str) -> Any:
     for atom in target.split("."):
         value = getattr(value, atom)
     return value
-
-
-def _meta_of(result: Any) -> Any:
-    found = False
-
-    def extract(value: Any) -> Any:
-        nonlocal found
-        if isinstance(value, torch.Tensor):
-            found = True
-            return _extract_tensor_metadata(value)
-        return value
-
-    meta = map_aggregate(result, extract)
-    return meta if found else None
 
 
 def _shape_text_from(shape: Any) -> str:

@@ -207,6 +207,25 @@ def _with_context(error: FxIndexError, caller: str) -> FxIndexError:
     return error
 
 
+def _plan_edit(
+    caller: str,
+    model: nn.Module,
+    index: Selector | Mapping[Selector, nn.Module],
+    new_layer: nn.Module | None,
+    example_inputs: tuple[Any, ...] | None,
+    keep: Sequence[int] | Mapping[Selector, Sequence[int]] | None,
+    propagate: bool,
+    all_sites: bool,
+) -> tuple[fx.GraphModule, Plan, dict[str, Any]]:
+    """Trace if needed, select the sites and plan: what plan() returns and replace() applies."""
+    source = _source(model, example_inputs, caller=caller)
+    try:
+        targets, edit = _select(source, index, new_layer, keep, all_sites, caller)
+        return source, build_plan(source, targets, propagate=propagate), edit
+    except FxIndexError as error:
+        raise _with_context(error, caller) from error.__cause__
+
+
 def plan(
     model: nn.Module,
     index: Selector | Mapping[Selector, nn.Module],
@@ -233,12 +252,8 @@ def plan(
         >>> [edit.action for edit in steps.edits]
         ['replace', 'rewrite', 'rebuild']
     """
-    graph_module = _source(model, example_inputs, caller="fxindex.plan")
-    try:
-        targets, _ = _select(graph_module, index, new_layer, keep, all_sites, "fxindex.plan")
-        return build_plan(graph_module, targets, propagate=propagate)
-    except FxIndexError as error:
-        raise _with_context(error, "fxindex.plan") from error.__cause__
+    _, planned, _ = _plan_edit("fxindex.plan", model, index, new_layer, example_inputs, keep, propagate, all_sites)
+    return planned
 
 
 def replace(
@@ -301,12 +316,9 @@ def replace(
         >>> rebuilt(*inputs).shape
         torch.Size([2, 8])
     """
-    source = _source(model, example_inputs, caller="fxindex.replace")
-    try:
-        targets, edit = _select(source, index, new_layer, keep, all_sites, "fxindex.replace")
-        planned = build_plan(source, targets, propagate=propagate)
-    except FxIndexError as error:
-        raise _with_context(error, "fxindex.replace") from error.__cause__
+    source, planned, edit = _plan_edit(
+        "fxindex.replace", model, index, new_layer, example_inputs, keep, propagate, all_sites
+    )
     graph_module = apply_plan(_edited(source, inplace), planned)
     record_edit(graph_module, {**edit, "propagate": propagate})
     return graph_module

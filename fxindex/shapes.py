@@ -29,6 +29,7 @@ __all__ = [
     "record_shapes",
     "make_fake_mode",
     "fake_tensor_like",
+    "meta_of",
     "preserving_buffers",
     "quiet_fake_errors",
 ]
@@ -105,8 +106,19 @@ def preserving_buffers(module: nn.Module) -> Iterator[None]:
                 buffer.copy_(copy)
 
 
-def _to_meta(value: Any) -> Any:
-    return _extract_tensor_metadata(value) if isinstance(value, torch.Tensor) else value
+def meta_of(result: Any) -> Any:
+    """The ``tensor_meta`` of a node's result (nested like it), or ``None`` when it holds no tensor."""
+    found = False
+
+    def extract(value: Any) -> Any:
+        nonlocal found
+        if isinstance(value, torch.Tensor):
+            found = True
+            return _extract_tensor_metadata(value)
+        return value
+
+    meta = map_aggregate(result, extract)
+    return meta if found else None
 
 
 class _ShapeRecorder(fx.Interpreter):
@@ -124,16 +136,8 @@ class _ShapeRecorder(fx.Interpreter):
             if self.failed_node is None:
                 self.failed_node = n
             raise
-        found_tensor = False
-
-        def extract(value: Any) -> Any:
-            nonlocal found_tensor
-            if isinstance(value, torch.Tensor):
-                found_tensor = True
-            return _to_meta(value)
-
-        meta = map_aggregate(result, extract)
-        if found_tensor:
+        meta = meta_of(result)
+        if meta is not None:
             self.metas[n] = meta
         return result
 

@@ -70,6 +70,16 @@ def _propagate_depthwise(step: Step, module: _ConvNd, change: ChannelChange) -> 
     )
 
 
+def _absorb(module: _ConvNd, change: ChannelChange, weight_dim: int) -> Outcome:
+    """Rebuild ``in_channels``: input channels sit on weight dim 1 (conv) or 0 (transposed)."""
+    weight = remap(module.weight, weight_dim, change.mapping)
+    return Outcome(
+        output=None,
+        module=rebuild(module, attributes={"in_channels": change.new_size}, parameters={"weight": weight}),
+        weights=describe_slots(change, "in-channels", new_as="zero") + "; bias kept",
+    )
+
+
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def propagate_conv(step: Step) -> Outcome:
     """Rebuild ``in_channels`` (groups=1, absorbing) or the whole depthwise conv (carrying)."""
@@ -80,12 +90,7 @@ def propagate_conv(step: Step) -> Outcome:
     if not change.reads(_channel_dim(module, rank), rank):
         raise step.fail(f"{type(module).__name__} reads channels but the change is on {change.describe()}")
     if module.groups == 1:
-        weight = remap(module.weight, 1, change.mapping)
-        return Outcome(
-            output=None,
-            module=rebuild(module, attributes={"in_channels": change.new_size}, parameters={"weight": weight}),
-            weights=describe_slots(change, "in-channels", new_as="zero") + "; bias kept",
-        )
+        return _absorb(module, change, weight_dim=1)
     if module.groups == module.in_channels:
         return _propagate_depthwise(step, module, change)
     raise step.fail(
@@ -105,9 +110,4 @@ def propagate_conv_transpose(step: Step) -> Outcome:
         raise step.fail(f"{type(module).__name__} reads channels but the change is on {change.describe()}")
     if module.groups != 1:
         raise step.fail(f"transposed convolution with groups={module.groups}: only groups=1 is supported")
-    weight = remap(module.weight, 0, change.mapping)
-    return Outcome(
-        output=None,
-        module=rebuild(module, attributes={"in_channels": change.new_size}, parameters={"weight": weight}),
-        weights=describe_slots(change, "in-channels", new_as="zero") + "; bias kept",
-    )
+    return _absorb(module, change, weight_dim=0)
