@@ -381,11 +381,10 @@ def edit_recipe(folder: Path, change: Callable[[dict[str, Any]], Any]) -> None:
     (folder / RECIPE_FILE).write_text(json.dumps(document))
 
 
-def load_refused(folder: Path, pattern: str, model: nn.Module | None = None, **options: Any) -> RecipeError:
+def assert_load_refused(folder: Path, pattern: str, model: nn.Module | None = None, **options: Any) -> None:
     fresh = model if model is not None else Chain()
     error = raises_unchanged(fresh, RecipeError, pattern, lambda: load(fresh, folder, **options))
     assert isinstance(error, RecipeError)
-    return error
 
 
 def test_the_valid_save_loads(saved: Path) -> None:
@@ -405,18 +404,18 @@ def test_the_valid_save_loads(saved: Path) -> None:
 )
 def test_corrupt_recipe_file(saved: Path, text: str, pattern: str) -> None:
     (saved / RECIPE_FILE).write_text(text)
-    load_refused(saved, pattern)
+    assert_load_refused(saved, pattern)
 
 
 def test_recipe_file_that_is_not_utf8(saved: Path) -> None:
     (saved / RECIPE_FILE).write_bytes(b"\xff\xfe\x00binary")
-    load_refused(saved, "cannot read the recipe.*UnicodeDecodeError")
+    assert_load_refused(saved, "cannot read the recipe.*UnicodeDecodeError")
 
 
 @pytest.mark.parametrize("version", [2, 0, "1", True, None])
 def test_recipe_of_another_version(saved: Path, version: Any) -> None:
     edit_recipe(saved, lambda d: d.update(version=version))
-    load_refused(saved, rf"has format version {re.escape(repr(version))}, but this fxindex reads version 1")
+    assert_load_refused(saved, rf"has format version {re.escape(repr(version))}, but this fxindex reads version 1")
 
 
 @pytest.mark.parametrize(
@@ -445,7 +444,7 @@ def test_recipe_of_another_version(saved: Path, version: Any) -> None:
 )
 def test_recipe_with_missing_or_malformed_fields(saved: Path, change: Callable[[dict[str, Any]], Any], pattern: str) -> None:
     edit_recipe(saved, change)
-    load_refused(saved, pattern)
+    assert_load_refused(saved, pattern)
 
 
 @pytest.mark.parametrize(
@@ -456,18 +455,18 @@ def test_recipe_naming_a_layer_type_outside_torch_nn(saved: Path, tmp_path: Path
     marker = tmp_path / "side-effect"
     command = {"command": f"touch {marker}", "name": "os", "source": f"open({str(marker)!r}, 'w')"}
     edit_recipe(saved, lambda d: d["edits"][0]["layers"][0].update(layer={"type": layer_type, "kwargs": command}))
-    load_refused(saved, rf"edit 1 \(replace layer 0 'fc1'\): layer type {re.escape(repr(layer_type))} is not a torch.nn layer class")
+    assert_load_refused(saved, rf"edit 1 \(replace layer 0 'fc1'\): layer type {re.escape(repr(layer_type))} is not a torch.nn layer class")
     assert not marker.exists()
 
 
 def test_recipe_with_arguments_that_are_not_literals(saved: Path) -> None:
     edit_recipe(saved, lambda d: d["edits"][0]["layers"][0]["layer"]["kwargs"].update(in_features={"__reduce__": 1}))
-    load_refused(saved, "argument 'in_features' of Linear must be a literal")
+    assert_load_refused(saved, "argument 'in_features' of Linear must be a literal")
 
 
 def test_recipe_whose_layer_arguments_the_constructor_refuses(saved: Path) -> None:
     edit_recipe(saved, lambda d: d["edits"][0]["layers"][0]["layer"]["kwargs"].update(in_features=4, colour="red"))
-    load_refused(saved, r"edit 1 \(replace layer 0 'fc1'\) cannot be replayed.*unexpected keyword argument 'colour'")
+    assert_load_refused(saved, r"edit 1 \(replace layer 0 'fc1'\) cannot be replayed.*unexpected keyword argument 'colour'")
 
 
 # --------------------------------------------------------------------------- a recipe from another model
@@ -501,11 +500,11 @@ def _impostor(**layers: nn.Module) -> nn.Module:
 
 
 def test_recipe_from_a_model_of_another_class(saved: Path) -> None:
-    load_refused(saved, "was saved from a Chain, got a Other: pass a freshly built Chain", model=Other())
+    assert_load_refused(saved, "was saved from a Chain, got a Other: pass a freshly built Chain", model=Other())
 
 
 def test_recipe_from_another_model_with_the_same_class_name_and_other_layer_names(saved: Path) -> None:
-    load_refused(
+    assert_load_refused(
         saved, r"edit 1 \(replace layer 0 'fc1'\) cannot be replayed: layer 0 of this model is 'first', the recipe expects 'fc1'",
         model=_impostor(first=nn.Linear(4, 8), act=nn.ReLU(), fc2=nn.Linear(8, 2)),
     )
@@ -513,7 +512,7 @@ def test_recipe_from_another_model_with_the_same_class_name_and_other_layer_name
 
 def test_recipe_from_another_model_with_the_same_layer_names_and_other_widths(saved: Path) -> None:
     # fc1 is replayed, fc2 rebuilt for 16 inputs, but its 3 outputs are not the saved model's 2.
-    load_refused(
+    assert_load_refused(
         saved, r"does not reproduce the saved model's weights.*fc2\.weight is \[3, 16\] in the replayed model, \[2, 16\] in the saved model",
         model=_impostor(fc1=nn.Linear(4, 8), act=nn.ReLU(), fc2=nn.Linear(8, 3)),
     )
@@ -524,7 +523,7 @@ def test_recipe_recording_the_replaced_layer_checks_it(saved: Path) -> None:
     edit_recipe(saved, lambda d: d["edits"][0]["layers"][0].update(replaced=describe_layer(nn.Linear(4, 8))))
     assert load(Chain(), saved).get_submodule("fc1").out_features == 16
     # Replaying on a Chain whose fc1 has 6 outputs would give the same saved model; the record says it is another one.
-    load_refused(
+    assert_load_refused(
         saved, r"edit 1 \(replace layer 0 'fc1'\) cannot be replayed: 'fc1' is Linear\(in_features=4, out_features=6",
         model=_impostor(fc1=nn.Linear(4, 6), act=nn.ReLU(), fc2=nn.Linear(6, 2)),
     )
@@ -533,7 +532,7 @@ def test_recipe_recording_the_replaced_layer_checks_it(saved: Path) -> None:
 def test_recipe_from_a_model_with_fewer_layers(tmp_path: Path) -> None:
     gm = fxindex.remove(fxindex.trace(built(Chain)), "fc2", inplace=True)
     folder = save(gm, tmp_path)
-    load_refused(
+    assert_load_refused(
         folder, r"edit 1 \(remove layer 2 'fc2'\) cannot be replayed: the model has only 2 layers",
         model=_impostor(fc1=nn.Linear(4, 8), act=nn.ReLU()),
     )
@@ -541,7 +540,7 @@ def test_recipe_from_a_model_with_fewer_layers(tmp_path: Path) -> None:
 
 def test_recipe_whose_result_fingerprint_differs(saved: Path) -> None:
     edit_recipe(saved, lambda d: d["result"]["layers"].append(["extra", "ReLU"]))
-    load_refused(saved, r"does not reproduce the saved model's layers.*3 layers, expected 4.*layer 3: None vs \['extra', 'ReLU'\]")
+    assert_load_refused(saved, r"does not reproduce the saved model's layers.*3 layers, expected 4.*layer 3: None vs \['extra', 'ReLU'\]")
 
 
 # --------------------------------------------------------------------------- weights files
@@ -567,7 +566,7 @@ def test_weights_file_with_a_pickled_object_is_refused_without_running_it(saved:
             torch.save(payload, handle)
         else:
             pickle.dump(payload, handle)
-    load_refused(saved, r"weights\.pt' is not a tensor-only state dict \(refused by torch\.load\(weights_only=True\)")
+    assert_load_refused(saved, r"weights\.pt' is not a tensor-only state dict \(refused by torch\.load\(weights_only=True\)")
     assert not marker.exists()
 
 
@@ -583,23 +582,23 @@ def test_weights_file_with_a_pickled_object_is_refused_without_running_it(saved:
 )
 def test_weights_file_that_is_not_a_tensor_state_dict(saved: Path, payload: Any, pattern: str) -> None:
     torch.save(payload, saved / WEIGHTS_FILE)
-    load_refused(saved, pattern)
+    assert_load_refused(saved, pattern)
 
 
 def test_weights_file_that_is_not_a_pickle(saved: Path) -> None:
     (saved / WEIGHTS_FILE).write_bytes(b"not a checkpoint at all")
-    load_refused(saved, "is not a tensor-only state dict")
+    assert_load_refused(saved, "is not a tensor-only state dict")
 
 
 def test_weights_of_another_model(saved: Path) -> None:
     torch.save(built(Chain).state_dict(), saved / WEIGHTS_FILE)  # fc1 unwidened: 8 outputs
-    load_refused(saved, r"weights\.pt' does not belong to .*recipe\.json': fc1\.weight is \[8, 4\] in the weights, \[16, 4\] in the recipe")
+    assert_load_refused(saved, r"weights\.pt' does not belong to .*recipe\.json': fc1\.weight is \[8, 4\] in the weights, \[16, 4\] in the recipe")
 
 
 def test_missing_files(saved: Path, tmp_path: Path) -> None:
     (saved / WEIGHTS_FILE).unlink()
-    load_refused(saved, r"weights\.pt' does not exist")
-    load_refused(tmp_path / "nowhere", r"cannot read the recipe .*recipe\.json'.*FileNotFoundError")
+    assert_load_refused(saved, r"weights\.pt' does not exist")
+    assert_load_refused(tmp_path / "nowhere", r"cannot read the recipe .*recipe\.json'.*FileNotFoundError")
 
 
 # --------------------------------------------------------------------------- load's example_inputs
