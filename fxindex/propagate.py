@@ -200,7 +200,7 @@ class _Planner:
             return
         tensor_changes = {arg: self.changes[arg] for arg in dirty_inputs if arg in self.changes}
         outcome = Outcome(output=None)
-        if tensor_changes and self.propagate:
+        if tensor_changes:
             rule = find_rule(node, old_module)
             if rule is None:
                 changed = ", ".join(f"'{arg.name}' ({change.describe()})" for arg, change in tensor_changes.items())
@@ -212,6 +212,12 @@ class _Planner:
             new_metas = {arg: self.new_metas[arg] for arg in tensor_changes if arg in self.new_metas}
             step = Step(node, old_module, tensor_changes, new_metas, has_shapes=self.has_shapes)
             outcome = rule(step)
+            if not self.propagate and (outcome.module, outcome.args, outcome.kwargs) != (None, None, None):
+                raise PropagationError(
+                    f"node '{node.name}' ({describe_target(node)}) cannot read the new shape as it is, and "
+                    "propagate=False leaves downstream layers unchanged: pass propagate=True to rebuild it",
+                    node.name,
+                )
         module = outcome.module if outcome.module is not None else old_module
         args = outcome.args if outcome.args is not None else node.args
         kwargs = outcome.kwargs if outcome.kwargs is not None else node.kwargs
@@ -220,9 +226,8 @@ class _Planner:
             try:
                 result = self.run(node, module, args, kwargs)
             except Exception as error:
-                hint = "" if self.propagate else " (propagate=False leaves downstream layers as they were)"
                 raise PropagationError(
-                    f"node '{node.name}' ({describe_target(node)}) fails on its new input{hint}: "
+                    f"node '{node.name}' ({describe_target(node)}) fails on its new input: "
                     f"{type(error).__name__}: {error}",
                     node.name,
                 ) from error
