@@ -1,9 +1,10 @@
 """fxindex's own costs against model size, beside the torch.fx / copy operations they build on.
 
 Models: nested ``nn.Sequential`` of 100, 1,000 and 10,000 leaf layers
-alternating ``nn.Linear(8, 8)`` and ``nn.ReLU`` (three levels, the builder of
-``bench_replace.py``), so that cost grows with the number of layers and not
-with arithmetic. Measured, interleaved round by round in one run:
+alternating ``nn.Linear(8, 8)`` and ``nn.ReLU`` (three levels,
+``common.nested_model``, shared with ``bench_replace.py``), so that cost grows
+with the number of layers and not with arithmetic. Measured, interleaved round
+by round in one run:
 
 * tracing and indexing: ``torch.fx.symbolic_trace`` (the yardstick),
   ``fxindex.trace`` without and with ``example_inputs`` (the latter records
@@ -38,80 +39,26 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
-import json
-import os
-import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from typing import Any
 
 import torch
-from tabulate import tabulate
 from torch import fx, nn
 
 import fxindex
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_costs.json")
-
-
-def nested_model(leaves: int, depth: int = 3) -> nn.Module:
-    """``leaves`` layers (Linear(8, 8)/ReLU alternating) split into ``depth`` levels of Sequentials.
-
-    A copy of ``bench_replace.nested_model``, so both scripts measure the same models
-    and this one stays runnable on its own.
-    """
-    layers: list[nn.Module] = [nn.Linear(8, 8) if i % 2 == 0 else nn.ReLU() for i in range(leaves)]
-    for _ in range(depth - 1):
-        group = max(2, round(len(layers) ** 0.5))
-        layers = [nn.Sequential(*layers[i : i + group]) for i in range(0, len(layers), group)]
-    return nn.Sequential(*layers)
-
-
-def interleaved(
-    contenders: dict[str, Callable[[], Any]],
-    rounds: int,
-    limits: dict[str, int] | None = None,
-    warmup: bool = True,
-) -> dict[str, list[float]]:
-    """Seconds of each call, round robin with a rotating order.
-
-    Args:
-        contenders: name -> callable.
-        rounds: number of rounds.
-        limits: name -> the number of first rounds that contender takes part in
-            (for a contender too slow to repeat); default every round.
-        warmup: call every contender once before timing (caches, fx codegen, fake-mode tables).
-
-    Returns:
-        name -> the list of times in seconds.
-    """
-    limits = limits or {}
-    names = list(contenders)
-    if warmup:
-        for name in names:
-            if limits.get(name, rounds) > 0:
-                contenders[name]()
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(rounds):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:  # no contender always goes first
-            if round_index >= limits.get(name, rounds):
-                continue
-            gc.collect()  # collect garbage of the previous call outside the timed region
-            start = time.perf_counter()
-            contenders[name]()
-            samples[name].append(time.perf_counter() - start)
-    return samples
+try:  # imported as benchmarks.bench_costs
+    from . import common
+except ImportError:  # run as a script: its folder is sys.path[0]
+    import common
 
 
 def measure(leaves: int, rounds: int, shape_rounds: int, warmup: bool) -> dict[str, Any]:
     """Median seconds of every operation on the nested model of ``leaves`` layers."""
     torch.manual_seed(0)
-    model = nested_model(leaves).eval()
+    model = common.nested_model(leaves).eval()
     inputs = (torch.randn(1, 8),)
     plain = fxindex.trace(model)  # shapes not recorded: what index/table see without example_inputs
     shaped = fxindex.trace(model, example_inputs=inputs)  # what the edits run on
@@ -141,8 +88,8 @@ def measure(leaves: int, rounds: int, shape_rounds: int, warmup: bool) -> dict[s
             shaped, {site: nn.Linear(8, 8) for site in batch_sites}, inplace=True
         ),
     }
-    samples = interleaved(contenders, rounds, {"fxindex.trace + shapes": shape_rounds}, warmup)
-    medians = {name: statistics.median(times) for name, times in samples.items()}
+    samples = common.interleaved(contenders, rounds, {"fxindex.trace + shapes": shape_rounds}, warmup)
+    medians = common.medians(samples)
     medians["widening replace inplace (per call)"] = medians.pop("widen + narrow inplace") / 2
     # The edited model must still run and fit: a cost table of a broken edit would mean nothing.
     # (Its values differ from the model's: the replacements are freshly initialised Linears.)
@@ -168,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100 and 1,000 layers, 3 rounds (< 1 min)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per size (default 7, quick 3)")
-    parser.add_argument("--output", default=RESULTS, help=f"JSON file to write (default {RESULTS})")
+    common.add_output_argument(parser, "bench_costs")
     args = parser.parse_args(argv)
     # One thread: the work is Python-side graph handling, and on a busy machine
     # OpenMP spin-waiting would only add noise to the few tensor ops.
@@ -182,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         shape_rounds = rounds if leaves < 10_000 else 2
         # Later sizes are warm already (fx codegen, fake-mode tables); warming 10,000 layers would cost a minute.
         results.append(measure(leaves, rounds if leaves < 10_000 else max(3, rounds - 2), shape_rounds, position == 0))
-        print(f"  measured {leaves} layers ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+        common.progress(f"{leaves} layers", started)
 
     trace_rows, edit_rows = [], []
     for result in results:
@@ -212,21 +159,19 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
     print(
-        f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread; "
+        f"{common.machine_line()}, 1 thread; "
         f"medians in ms of {rounds} interleaved rounds (fewer at 10,000 layers, see JSON)\n"
     )
     print("Tracing and indexing (ratio: x torch.fx.symbolic_trace)")
     print(
-        tabulate(
+        common.table(
             trace_rows,
             headers=["layers", "symbolic_trace ms", "fxindex.trace", "trace + shapes", "index(gm)", "table(gm)"],
-            tablefmt="github",
-            disable_numparse=True,
         )
     )
     print("\nEditing a traced model with shapes (ratio: x recompile, or x deepcopy(gm) = dc)")
     print(
-        tabulate(
+        common.table(
             edit_rows,
             headers=[
                 "layers",
@@ -239,32 +184,10 @@ def main(argv: list[str] | None = None) -> int:
                 "batch of 10 inplace",
                 "batch / 10 singles",
             ],
-            tablefmt="github",
-            disable_numparse=True,
         )
     )
-    elapsed = time.perf_counter() - started
-    print(f"\n{elapsed:.0f} s")
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as handle:
-        json.dump(
-            {
-                "benchmark": "bench_costs",
-                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "quick": args.quick,
-                "platform": platform.platform(),
-                "cpus": os.cpu_count(),
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-                "fxindex": fxindex.__version__,
-                "threads": 1,
-                "elapsed_s": elapsed,
-                "results": results,
-            },
-            handle,
-            indent=2,
-        )
-    print(f"wrote {os.path.relpath(args.output)}")
+    elapsed = common.print_elapsed(started)
+    common.write_results(args.output, "bench_costs", {"results": results}, quick=args.quick, elapsed=elapsed, threads=1)
     return 0
 
 

@@ -32,24 +32,23 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from tabulate import tabulate
 from torch import nn
 
 import fxindex
 from fxindex.speed import speed_up
 
+try:  # imported as benchmarks.bench_forward
+    from . import common
+except ImportError:  # run as a script: its folder is sys.path[0]
+    import common
+
 VARIANTS = ("eager", "plain fx", "speed_up fx")
-DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_forward.json")
 
 
 def nested_linears(depth: int, layers: int = 100, width: int = 64) -> nn.Module:
@@ -122,11 +121,9 @@ def measure(
     one_call = min(time_block(function, inputs, 3)[0] for function in variants.values())
     calls = max(1, int(block_ms / 1000 / one_call))
     samples: dict[str, dict[str, list[float]]] = {clock: {name: [] for name in names} for clock in CLOCKS}
-    for round_index in range(rounds):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:  # rotate the order: no variant always goes first
-            for clock, seconds in zip(CLOCKS, time_block(variants[name], inputs, calls)):
-                samples[clock][name].append(seconds)
+    for _, name in common.rotation(names, rounds):
+        for clock, seconds in zip(CLOCKS, time_block(variants[name], inputs, calls)):
+            samples[clock][name].append(seconds)
     return samples
 
 
@@ -167,12 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-ms", type=float, default=None, help="length of one block (default 25, quick 10)")
     parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 4, 6], help="nesting depths")
     parser.add_argument("--no-vision", action="store_true", help="skip resnet18 and mobilenet_v2")
-    parser.add_argument("--output", default=DEFAULT_OUTPUT, help="JSON file to write")
+    common.add_output_argument(parser, "bench_forward")
     args = parser.parse_args(argv)
     rounds = args.rounds or (9 if args.quick else 101)
     block_ms = args.block_ms or (10.0 if args.quick else 25.0)
 
     torch.set_num_threads(1)
+    started = time.perf_counter()
     results: list[dict[str, Any]] = []
     rows: list[list[Any]] = []
     with torch.no_grad():
@@ -192,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 + [_ratio_cell(wall[v]) for v in VARIANTS[1:]]
                 + [_ratio_cell(cpu[v]) for v in VARIANTS[1:]]
             )
-            print(f"measured {name}", file=sys.stderr, flush=True)
+            common.progress(name, started)
 
     headers = [
         "model",
@@ -204,29 +202,24 @@ def main(argv: list[str] | None = None) -> int:
         "plain / eager (CPU)",
         "speed_up / eager (CPU)",
     ]
-    print(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True))
+    print(common.table(rows, headers))
     print(
         f"\nbatch 1, torch.set_num_threads(1), no_grad; {rounds} interleaved rounds of ~{block_ms:g} ms blocks. "
         "µs: median wall time per call. Ratios: median over rounds of (variant / eager in the same round) "
         "[quartiles]; below 1 is faster than eager. (CPU): the same with this thread's CPU time, "
         "which leaves out the time other processes held the CPU."
     )
-    report = {
-        "benchmark": "bench_forward",
-        "settings": {"rounds": rounds, "block_ms": block_ms, "threads": 1, "batch": 1, "grad": False},
-        "environment": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "fxindex": fxindex.__version__,
+    common.write_results(
+        args.output,
+        "bench_forward",
+        {
+            "settings": {"rounds": rounds, "block_ms": block_ms, "threads": 1, "batch": 1, "grad": False},
+            "environment": common.machine_info(),
+            "results": results,
         },
-        "results": results,
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
-    print(f"wrote {args.output}")
+        quick=args.quick,
+        elapsed=time.perf_counter() - started,
+    )
     return 0
 
 

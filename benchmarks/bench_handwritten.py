@@ -43,25 +43,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
-import json
-import os
-import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import torch
-from tabulate import tabulate
 from torch import nn
 
 import fxindex
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_handwritten.json")
+try:  # imported as benchmarks.bench_handwritten
+    from . import common
+except ImportError:  # run as a script: its folder is sys.path[0]
+    import common
 
 
 # --------------------------------------------------------------------------- the hand-written way
@@ -96,26 +92,6 @@ def handwritten_replace(model: nn.Module, k: int, new_layer: nn.Module) -> tuple
 # --------------------------------------------------------------------------- models and tasks
 
 
-def widened_conv(old: nn.Conv2d, out_channels: int) -> nn.Conv2d:
-    """A wider copy of ``old``: its filters first, then random extra filters (function-preserving when the
-    next layer ignores the extra channels, which is what fxindex arranges)."""
-    new = nn.Conv2d(
-        old.in_channels,
-        out_channels,
-        old.kernel_size,
-        stride=old.stride,
-        padding=old.padding,
-        dilation=old.dilation,
-        groups=old.groups,
-        bias=old.bias is not None,
-    )
-    with torch.no_grad():
-        new.weight[: old.out_channels].copy_(old.weight)
-        if old.bias is not None:
-            new.bias[: old.out_channels].copy_(old.bias)
-    return new
-
-
 @dataclass
 class Task:
     """One edit: replace ``target`` of ``model_name`` by ``make(old module)``."""
@@ -142,18 +118,22 @@ def build_models(names: list[str]) -> dict[str, tuple[nn.Module, tuple[torch.Ten
 
 
 TASKS = [
-    Task("seed", "widen", "conv1", lambda old: widened_conv(old, 21), "conv1 -> Conv2d(3, 21, 3)"),
+    Task("seed", "widen", "conv1", lambda old: common.widened_conv(old, 21), "conv1 -> Conv2d(3, 21, 3)"),
     Task("seed", "head", "nested.1", lambda old: nn.Linear(old.in_features, 10), "nested.1 -> Linear(16, 10)"),
     Task(
         "resnet18",
         "widen",
         "layer1.0.conv1",
-        lambda old: widened_conv(old, 72),
+        lambda old: common.widened_conv(old, 72),
         "layer1.0.conv1 -> Conv2d(64, 72, 3, padding=1, bias=False)",
     ),
     Task("resnet18", "head", "fc", lambda old: nn.Linear(old.in_features, 10), "fc -> Linear(512, 10)"),
     Task(
-        "vgg11", "widen", "features.0", lambda old: widened_conv(old, 80), "features.0 -> Conv2d(3, 80, 3, padding=1)"
+        "vgg11",
+        "widen",
+        "features.0",
+        lambda old: common.widened_conv(old, 80),
+        "features.0 -> Conv2d(3, 80, 3, padding=1)",
     ),
     Task(
         "vgg11", "head", "classifier.6", lambda old: nn.Linear(old.in_features, 10), "classifier.6 -> Linear(4096, 10)"
@@ -236,10 +216,7 @@ def measure_task(
     def fxindex_call(inplace: bool) -> Callable[[], list[float]]:
         def call() -> list[float]:
             layer = copy.deepcopy(prototype)
-            gc.collect()
-            start = time.perf_counter()
-            fxindex.replace(model, k_fx, layer, example_inputs=inputs, inplace=inplace)
-            return [time.perf_counter() - start]
+            return [common.timed(fxindex.replace, model, k_fx, layer, example_inputs=inputs, inplace=inplace)]
 
         return call
 
@@ -251,11 +228,8 @@ def measure_task(
     for function in contenders.values():  # warm-up
         function()
     samples: dict[str, list[float]] = {name: [] for name in contenders}
-    names = list(contenders)
-    for round_index in range(rounds):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            samples[name].extend(contenders[name]())
+    for _, name in common.rotation(list(contenders), rounds):
+        samples[name].extend(contenders[name]())  # each contender times its own calls
     with torch.no_grad():  # the timed swaps were all undone: the model is the original again
         assert torch.equal(model(*inputs), reference)
     return {
@@ -266,7 +240,7 @@ def measure_task(
         "k_definition_order": k_def,
         "k_fxindex": k_fx,
         "walk_at_fxindex_k": walk_at_fx_k,
-        "median_s": {name: statistics.median(times) for name, times in samples.items()},
+        "median_s": common.medians(samples),
         "samples": {name: len(times) for name, times in samples.items()},
         "handwritten": {key: value for key, value in hand.items() if key != "output"},
         "fxindex": {key: value for key, value in fx_outcome.items() if key != "output"},
@@ -377,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 rounds (< 1 min)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per task (default 15, quick 2)")
     parser.add_argument("--models", nargs="+", default=["seed", "resnet18", "vgg11"], help="models to run")
-    parser.add_argument("--output", default=RESULTS, help=f"JSON file to write (default {RESULTS})")
+    common.add_output_argument(parser, "bench_handwritten")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # steadier on a busy machine; the forwards here are only checks
     rounds = args.rounds or (2 if args.quick else 15)
@@ -391,11 +365,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         model, inputs = models[task.model_name]
         results.append(measure_task(task, model, inputs, rounds, inner))
-        elapsed = time.perf_counter() - started
-        print(f"  measured {task.model_name} {task.kind} ({elapsed:.0f} s)", file=sys.stderr, flush=True)
+        common.progress(f"{task.model_name} {task.kind}", started)
 
     print(
-        f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread; "
+        f"{common.machine_line()}, 1 thread; "
         f"medians of {rounds} interleaved rounds ({inner} swaps per round for the hand-written walk)\n"
     )
     timing_rows = []
@@ -426,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print("Find + swap time (hand-written: walk + setattr in place; fxindex: trace + shapes + plan + rebuild)")
     print(
-        tabulate(
+        common.table(
             timing_rows,
             headers=[
                 "model",
@@ -438,35 +411,23 @@ def main(argv: list[str] | None = None) -> int:
                 "fxindex inplace",
                 "inplace / hand-written",
             ],
-            tablefmt="github",
-            disable_numparse=True,
         )
     )
     print("\nDoes the result run, and does it keep the output (widening copies the old filters)?")
     print(
-        tabulate(
-            outcome_rows,
-            headers=["model", "task", "hand-written", "fxindex", "max|Δ| hand-written vs fxindex"],
-            tablefmt="github",
-            disable_numparse=True,
+        common.table(
+            outcome_rows, headers=["model", "task", "hand-written", "fxindex", "max|Δ| hand-written vs fxindex"]
         )
     )
 
     print("\nIndex mismatch: k-th leaf in definition order (the walk) vs k-th call site (fxindex)")
-    print(
-        tabulate(
-            order_rows(DefinedOutOfOrder()),
-            headers=["k", "walk: k-th leaf", "fxindex: k-th call site"],
-            tablefmt="github",
-            disable_numparse=True,
-        )
-    )
+    print(common.table(order_rows(DefinedOutOfOrder()), headers=["k", "walk: k-th leaf", "fxindex: k-th call site"]))
     print("(DefinedOutOfOrder: defines head, act, body, stem; calls stem, act, body, act, head)\n")
     summaries = [mismatch_summary("DefinedOutOfOrder", DefinedOutOfOrder())] + [
         mismatch_summary(name, model) for name, (model, _) in models.items()
     ]
     print(
-        tabulate(
+        common.table(
             [
                 [
                     s["model"],
@@ -486,8 +447,6 @@ def main(argv: list[str] | None = None) -> int:
                 "first k that differs",
                 "there",
             ],
-            tablefmt="github",
-            disable_numparse=True,
         )
     )
     demo = []
@@ -496,41 +455,28 @@ def main(argv: list[str] | None = None) -> int:
         demo = relu_demo(model, inputs)
         print("\nresnet18, 'replace layer 9 by Identity' (fxindex's 9: the second call of layer1.0.relu)")
         print(
-            tabulate(
+            common.table(
                 [
                     [d["approach"], d["swapped"], d["identity_at_call_sites"], f"{d['max_abs_diff_vs_fxindex']:.2g}"]
                     for d in demo
                 ],
                 headers=["approach", "what it swapped", "call sites now Identity", "max|Δ| vs fxindex result"],
-                tablefmt="github",
-                disable_numparse=True,
             )
         )
-    elapsed = time.perf_counter() - started
-    print(f"\n{elapsed:.0f} s")
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as handle:
-        json.dump(
-            {
-                "benchmark": "bench_handwritten",
-                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "quick": args.quick,
-                "platform": platform.platform(),
-                "cpus": os.cpu_count(),
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-                "fxindex": fxindex.__version__,
-                "rounds": rounds,
-                "handwritten_swaps_per_round": inner,
-                "elapsed_s": elapsed,
-                "tasks": results,
-                "order_mismatch": {"DefinedOutOfOrder": order_rows(DefinedOutOfOrder()), "summaries": summaries},
-                "resnet18_relu_demo": demo,
-            },
-            handle,
-            indent=2,
-        )
-    print(f"wrote {os.path.relpath(args.output)}")
+    elapsed = common.print_elapsed(started)
+    common.write_results(
+        args.output,
+        "bench_handwritten",
+        {
+            "tasks": results,
+            "order_mismatch": {"DefinedOutOfOrder": order_rows(DefinedOutOfOrder()), "summaries": summaries},
+            "resnet18_relu_demo": demo,
+        },
+        quick=args.quick,
+        elapsed=elapsed,
+        rounds=rounds,
+        handwritten_swaps_per_round=inner,
+    )
     return 0
 
 

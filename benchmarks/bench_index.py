@@ -19,7 +19,8 @@ children) over 100, 1,000 and 10,000 leaf layers alternating
     resnet18 at 32x3x224x224, where real arithmetic is expensive.
 
 Heavy operations are timed with ``time.perf_counter``, interleaved round by
-round so that every contender sees the same machine load; lookups with
+round in an order that rotates from round to round (``common.interleaved``), so
+that every contender sees the same machine load; lookups with
 ``torch.utils.benchmark.Timer.blocked_autorange``. Medians are reported.
 Results: a table on stdout and ``benchmarks/results/bench_index.json``.
 """
@@ -27,15 +28,10 @@ Results: a table on stdout and ``benchmarks/results/bench_index.json``.
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import os
-import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
 from typing import Any
 
 import torch
@@ -46,7 +42,10 @@ from torch.utils.benchmark import Timer
 
 import fxindex
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_index.json")
+try:  # imported as benchmarks.bench_index
+    from . import common
+except ImportError:  # run as a script: its folder is sys.path[0]
+    import common
 
 
 # --------------------------------------------------------------------------- models
@@ -87,18 +86,8 @@ def walk_to_kth_leaf(root: nn.Module, k: int) -> tuple[str, nn.Module]:
 
 
 def interleaved(contenders: dict[str, Callable[[], Any]], repeats: int, warmup: bool = True) -> dict[str, float]:
-    """Median seconds of each callable, run round-robin ``repeats`` times (after one warm-up each if ``warmup``)."""
-    samples: dict[str, list[float]] = {name: [] for name in contenders}
-    if warmup:
-        for function in contenders.values():
-            function()
-    for _ in range(repeats):
-        for name, function in contenders.items():
-            gc.collect()
-            start = time.perf_counter()
-            function()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    """Median seconds of each callable over ``repeats`` rotating rounds (after one warm-up each if ``warmup``)."""
+    return common.medians(common.interleaved(contenders, repeats, warmup=warmup))
 
 
 def micro(statement: Callable[[], Any], min_run_time: float) -> float:
@@ -221,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         help="torch intra-op threads (default 1: the layers are tiny, and on a busy machine OpenMP "
         "spin-waiting makes multi-threaded timings of small ops meaningless)",
     )
-    parser.add_argument("--output", default=RESULTS, help=f"JSON file to write (default {RESULTS})")
+    common.add_output_argument(parser, "bench_index")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -237,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(
             bench_nested(leaves, args.fanout, repeats, shape_repeats, args.batch, micro_time, warmup=position == 0)
         )
-        print(f"  measured {leaves} leaves ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+        common.progress(f"{leaves} leaves", started)
     resnet = None if args.quick else bench_resnet18(3, args.batch)
 
     build_table = [
@@ -290,29 +279,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} CPUs, medians of {repeats} interleaved runs "
           f"({rows[-1]['shape_repeats']} for the shapes of the largest model)")
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as handle:
-        json.dump(
-            {
-                "benchmark": "bench_index",
-                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "quick": args.quick,
-                "torch": torch.__version__,
-                "fxindex": fxindex.__version__,
-                "python": platform.python_version(),
-                "platform": platform.platform(),
-                "cpus": os.cpu_count(),
-                "threads": torch.get_num_threads(),
-                "repeats": repeats,
-                "fanout": args.fanout,
-                "elapsed_s": elapsed,
-                "nested": rows,
-                "resnet18": resnet,
-            },
-            handle,
-            indent=2,
-        )
-    print(f"wrote {os.path.relpath(args.output)}")
+    common.write_results(
+        args.output,
+        "bench_index",
+        {"nested": rows, "resnet18": resnet},
+        quick=args.quick,
+        elapsed=elapsed,
+        threads=torch.get_num_threads(),
+        repeats=repeats,
+        fanout=args.fanout,
+    )
     return 0
 
 

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -31,14 +28,10 @@ from torch import nn
 
 import fxindex
 
-
-def nested_model(leaves: int, depth: int = 3) -> nn.Module:
-    """``leaves`` layers (Linear/ReLU alternating) split into ``depth`` levels of Sequentials."""
-    layers: list[nn.Module] = [nn.Linear(8, 8) if i % 2 == 0 else nn.ReLU() for i in range(leaves)]
-    for _ in range(depth - 1):
-        group = max(2, round(len(layers) ** 0.5))
-        layers = [nn.Sequential(*layers[i : i + group]) for i in range(0, len(layers), group)]
-    return nn.Sequential(*layers)
+try:  # imported as benchmarks.bench_replace
+    from . import common
+except ImportError:  # run as a script: its folder is sys.path[0]
+    import common
 
 
 def median_seconds(function: Callable[[], Any], repeats: int) -> float:
@@ -53,7 +46,7 @@ def median_seconds(function: Callable[[], Any], repeats: int) -> float:
 
 def measure(leaves: int, repeats: int) -> dict[str, float]:
     torch.manual_seed(0)
-    model = nested_model(leaves).eval()
+    model = common.nested_model(leaves).eval()
     inputs = (torch.randn(1, 8),)
     gm = fxindex.trace(model, example_inputs=inputs)
     linear_sites = fxindex.index(gm).find(nn.Linear)
@@ -89,16 +82,17 @@ def measure(leaves: int, repeats: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100 and 1,000 layers, fewer repeats")
-    parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "bench_replace.json"))
+    common.add_output_argument(parser, "bench_replace", flag="--json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     sizes = (100, 1000) if args.quick else (100, 1000, 10000)
+    started = time.perf_counter()
     rows = []
-    raw: dict[str, Any] = {"machine": platform.platform(), "torch": torch.__version__, "results": {}}
+    results: dict[str, Any] = {}
     for leaves in sizes:
         repeats = 5 if args.quick or leaves >= 10000 else 9
         result = measure(leaves, repeats)
-        raw["results"][str(leaves)] = result
+        results[str(leaves)] = result
         recompile = result["recompile"]
         rows.append(
             (
@@ -122,11 +116,16 @@ def main() -> None:
         "batch(10) / 10 singles",
         "forward rebuilt / eager",
     )
-    print(f"medians on {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread")
+    machine = common.machine_info()
+    print(f"medians on {machine['processor']}, torch {machine['torch']}, 1 thread")
     print(tabulate(rows, headers=headers))
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as handle:
-        json.dump(raw, handle, indent=2)
+    common.write_results(
+        args.json,
+        "bench_replace",
+        {"machine": machine["platform"], "results": results},
+        quick=args.quick,
+        elapsed=time.perf_counter() - started,
+    )
 
 
 if __name__ == "__main__":

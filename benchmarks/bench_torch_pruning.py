@@ -44,30 +44,27 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
-import json
-import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import torch
-from tabulate import tabulate
 from torch import nn
 
 import fxindex
+
+try:  # imported as benchmarks.bench_torch_pruning
+    from . import common
+except ImportError:  # run as a script: its folder is sys.path[0]
+    import common
 
 try:
     import torch_pruning as tp
 except ImportError:  # an optional comparison: fxindex does not depend on it
     tp = None
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_torch_pruning.json")
 
 
 @dataclass(frozen=True)
@@ -89,16 +86,7 @@ def kept_channels(conv: nn.Conv2d, count: int) -> list[int]:
 
 def narrower_conv(conv: nn.Conv2d, keep: list[int]) -> nn.Conv2d:
     """A conv with the kept filters of ``conv`` only."""
-    new = nn.Conv2d(
-        conv.in_channels,
-        len(keep),
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=conv.groups,
-        bias=conv.bias is not None,
-    )
+    new = common.conv_like(conv, len(keep))
     with torch.no_grad():
         new.weight.copy_(conv.weight[keep])
         if conv.bias is not None:
@@ -178,21 +166,10 @@ def measure(case: Case, rounds: int) -> dict[str, Any]:
             fresh, k, layer, keep=keep, inplace=True
         ),
     }
-    samples: dict[str, list[float]] = {name: [] for name in contenders}
-    names = list(contenders)
-    for round_index in range(rounds + 1):  # round 0 is the warm-up, not recorded
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            fresh, layer = copy.deepcopy(model), copy.deepcopy(prototype)  # untimed: Torch-Pruning edits in place
-            gc.collect()
-            start = time.perf_counter()
-            contenders[name](fresh, layer)
-            elapsed = time.perf_counter() - start
-            if round_index:
-                samples[name].append(elapsed)
-            del fresh, layer
-    medians = {name: statistics.median(times) for name, times in samples.items()}
-    medians["torch-pruning DependencyGraph build"] = statistics.median(build_times[1:])
+    # Every call (the warm-up too) gets a fresh deep copy, made untimed: Torch-Pruning edits in place.
+    samples = common.interleaved(contenders, rounds, setup=lambda: (copy.deepcopy(model), copy.deepcopy(prototype)))
+    medians = common.medians(samples)
+    medians["torch-pruning DependencyGraph build"] = statistics.median(build_times[1:])  # [0]: the warm-up
     return {
         "model": case.model,
         "conv": case.conv,
@@ -210,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 rounds (< 1 min)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per model (default 15, quick 2)")
-    parser.add_argument("--output", default=RESULTS, help=f"JSON file to write (default {RESULTS})")
+    common.add_output_argument(parser, "bench_torch_pruning")
     args = parser.parse_args(argv)
     if tp is None:
         print(
@@ -225,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for case in CASES:
         results.append(measure(case, rounds))
-        print(f"  measured {case.model} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+        common.progress(case.model, started)
 
     version = getattr(tp, "__version__", "?")
     try:
@@ -235,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         pass
     print(
-        f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, torch-pruning {version}, "
+        f"{common.machine_line()}, torch-pruning {version}, "
         f"1 thread; medians of {rounds} interleaved rounds, fresh deep copy per repeat (untimed)\n"
     )
     timing_rows = []
@@ -270,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print("Time in ms (x: ratio to Torch-Pruning's build + group + prune)")
     print(
-        tabulate(
+        common.table(
             timing_rows,
             headers=[
                 "edit",
@@ -281,13 +258,11 @@ def main(argv: list[str] | None = None) -> int:
                 "replace copying",
                 "replace inplace, no shapes",
             ],
-            tablefmt="github",
-            disable_numparse=True,
         )
     )
     print("\nDo the two pruned models agree? (tp / fxindex)")
     print(
-        tabulate(
+        common.table(
             check_rows,
             headers=[
                 "model",
@@ -298,32 +273,17 @@ def main(argv: list[str] | None = None) -> int:
                 "max|Δ| vs unpruned",
                 "fxindex plan",
             ],
-            tablefmt="github",
-            disable_numparse=True,
         )
     )
-    elapsed = time.perf_counter() - started
-    print(f"\n{elapsed:.0f} s")
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as handle:
-        json.dump(
-            {
-                "benchmark": "bench_torch_pruning",
-                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "quick": args.quick,
-                "platform": platform.platform(),
-                "cpus": os.cpu_count(),
-                "torch": torch.__version__,
-                "torch_pruning": version,
-                "python": platform.python_version(),
-                "fxindex": fxindex.__version__,
-                "elapsed_s": elapsed,
-                "results": results,
-            },
-            handle,
-            indent=2,
-        )
-    print(f"wrote {os.path.relpath(args.output)}")
+    elapsed = common.print_elapsed(started)
+    common.write_results(
+        args.output,
+        "bench_torch_pruning",
+        {"results": results},
+        quick=args.quick,
+        elapsed=elapsed,
+        torch_pruning=version,
+    )
     return 0
 
 

@@ -35,22 +35,21 @@ Writes ``benchmarks/results/bench_zoo_forward.json`` (see ``--output``).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import torch
-from tabulate import tabulate
 from torch import fx, nn
 
 import fxindex
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_zoo_forward.json")
+try:  # imported as benchmarks.bench_zoo_forward
+    from . import common
+except ImportError:  # run as a script: its folder is sys.path[0]
+    import common
+
 # fxindex.bench visits the rows in a fixed order each round; many short rounds spread drift evenly.
 ROUNDS = 10
 
@@ -85,22 +84,7 @@ def same_linear(old: nn.Linear) -> nn.Linear:
 
 def widened_conv(old: nn.Conv2d) -> nn.Conv2d:
     """``old`` with 1/8 more output channels (at least 8): old filters first, random extra ones after."""
-    out_channels = old.out_channels + max(8, old.out_channels // 8)
-    new = nn.Conv2d(
-        old.in_channels,
-        out_channels,
-        old.kernel_size,
-        stride=old.stride,
-        padding=old.padding,
-        dilation=old.dilation,
-        groups=old.groups,
-        bias=old.bias is not None,
-    )
-    with torch.no_grad():
-        new.weight[: old.out_channels].copy_(old.weight)
-        if old.bias is not None:
-            new.bias[: old.out_channels].copy_(old.bias)
-    return new
+    return common.widened_conv(old, old.out_channels + max(8, old.out_channels // 8))
 
 
 def build_variants(case: ZooCase) -> tuple[dict[str, nn.Module], dict[str, Any]]:
@@ -140,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-run-time", type=float, default=None, help="seconds per row (default 3, quick 0.3)")
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows (slow)")
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default: inductor)")
-    parser.add_argument("--output", default=RESULTS, help=f"JSON file to write (default {RESULTS})")
+    common.add_output_argument(parser, "bench_zoo_forward")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # steadiest on a busy machine; bench's Timer uses it too
     names = args.models or (["resnet18", "mobilenet_v2"] if args.quick else [case.name for case in CASES])
@@ -213,16 +197,15 @@ def main(argv: list[str] | None = None) -> int:
                     + [compiled_cell(report[f"{name} (compiled)"]) for name in names]
                     + [diff(report[f"{name} (compiled)"]) for name in names]
                 )
-            elapsed = time.perf_counter() - started
-            print(f"  measured {case.name} batch {batch} ({elapsed:.0f} s)", file=sys.stderr, flush=True)
+            common.progress(f"{case.name} batch {batch}", started)
 
     print(
-        f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread, eval + no_grad, "
+        f"{common.machine_line()}, 1 thread, eval + no_grad, "
         f"1x3x64x64 / 8x3x64x64; fxindex.bench: {min_run_time:g} s per row over {ROUNDS} interleaved rounds\n"
     )
     print("Rebuilt vs original (ms: median latency; x: original median / row median, >1 faster)")
     print(
-        tabulate(
+        common.table(
             rows,
             headers=[
                 "model",
@@ -235,8 +218,6 @@ def main(argv: list[str] | None = None) -> int:
                 "max|Δ|",
                 "FLOPs widened/original",
             ],
-            tablefmt="github",
-            disable_numparse=True,
         )
     )
     if args.compile:
@@ -246,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             "x compiled: compiled original median / row median; max|Δ| vs eager original"
         )
         print(
-            tabulate(
+            common.table(
                 compiled_rows,
                 headers=[
                     "model",
@@ -258,34 +239,19 @@ def main(argv: list[str] | None = None) -> int:
                     "max|Δ| head",
                     "max|Δ| widened",
                 ],
-                tablefmt="github",
-                disable_numparse=True,
             )
         )
-    elapsed = time.perf_counter() - started
-    print(f"\n{elapsed:.0f} s")
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as handle:
-        json.dump(
-            {
-                "benchmark": "bench_zoo_forward",
-                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "quick": args.quick,
-                "compile": args.compile,
-                "compile_backend": args.compile_backend,
-                "platform": platform.platform(),
-                "cpus": os.cpu_count(),
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-                "fxindex": fxindex.__version__,
-                "min_run_time": min_run_time,
-                "elapsed_s": elapsed,
-                "reports": reports,
-            },
-            handle,
-            indent=2,
-        )
-    print(f"wrote {os.path.relpath(args.output)}")
+    elapsed = common.print_elapsed(started)
+    common.write_results(
+        args.output,
+        "bench_zoo_forward",
+        {"reports": reports},
+        quick=args.quick,
+        elapsed=elapsed,
+        compile=args.compile,
+        compile_backend=args.compile_backend,
+        min_run_time=min_run_time,
+    )
     return 0
 
 
