@@ -6,6 +6,7 @@ Add new fixtures below with a one-line docstring each.
 Fixtures:
     seed_model   -- fxindex.examples.SeedModel, seeded and in eval mode.
     seed_inputs  -- its example inputs, a tuple with one (2, 3, 28, 28) tensor.
+    _release_memory_after_each_test -- (autouse) gives freed heap memory back to the OS.
 """
 
 from __future__ import annotations
@@ -41,3 +42,12 @@ def seed_inputs() -> tuple[torch.Tensor]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes seconds on its own (deselect with -m 'not slow')")
+
+
+@pytest.fixture(autouse=True)
+def _release_memory_after_each_test():
+    """The zoo tests build models of up to 645M parameters: trim the heap after each test."""
+    yield
+    import zoo  # a helper module beside this file
+
+    zoo.release_memory()

@@ -150,6 +150,8 @@ def test_widen_every_site(name: str) -> None:
             assert steps.breaks_function, "a non-preserving plan names the node that breaks it"
             outcomes["crosses a normalisation"] += 1
         assert_original_untouched(gm, code, state)
+        del rebuilt, output
+        zoo.release_memory()  # each rebuilt copy of a large model is freed before the next
     succeeded = outcomes["same output"] + outcomes["crosses a normalisation"]
     swept = "every site" if len(sites) == len(eligible) else f"{len(sites)} of {len(eligible)} sites"
     print(f"\n{name} ({swept}): {succeeded}/{len(sites)} succeed ({outcomes})")
