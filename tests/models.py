@@ -27,10 +27,12 @@ FlattenNet, SharedNet, HeadNet (see each docstring).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from hypothesis import HealthCheck, settings
 from torch import fx, nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
@@ -407,3 +409,22 @@ class single_thread:
 
     def __exit__(self, *exc: object) -> None:
         torch.set_num_threads(self.saved)
+
+
+def hypothesis_profile(**ci: Any) -> settings:
+    """The settings chosen by the HYPOTHESIS_PROFILE environment variable.
+
+    "ci" (the default) uses ``ci`` (a handful of derandomized examples, fast
+    enough for every CI run); "thorough" runs 300 examples. Both have no
+    deadline: an example traces and edits a model. Tests apply the result as
+    a decorator, so other files keep their own hypothesis settings.
+    """
+    common: dict[str, Any] = {
+        "deadline": None,
+        "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
+    }
+    profiles = {"ci": settings(derandomize=True, **common, **ci), "thorough": settings(max_examples=300, **common)}
+    selected = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+    if selected not in profiles:
+        raise ValueError(f"HYPOTHESIS_PROFILE={selected!r}: choose one of {sorted(profiles)}")
+    return profiles[selected]

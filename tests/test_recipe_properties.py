@@ -29,14 +29,13 @@ Hypothesis profiles (pass the name in the HYPOTHESIS_PROFILE environment variabl
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, note, settings
+from hypothesis import Phase, given, note
 from hypothesis import strategies as st
 from torch import fx, nn
 
@@ -44,27 +43,13 @@ import fxindex
 from fxindex.errors import FxIndexError
 from fxindex.io import load, save
 from fxindex.recipe import recipe
+from models import hypothesis_profile
 
 # --------------------------------------------------------------------------- profiles
 
-_COMMON: dict[str, Any] = {
-    "deadline": None,
-    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
-}
-PROFILES = {
-    # No shrinking in CI: each example traces, edits and reloads a model, and shrinking one failure took
-    # minutes; the notes print the edits of the failing example, and "thorough" shrinks.
-    "ci": settings(max_examples=20, derandomize=True, phases=[Phase.explicit, Phase.reuse, Phase.generate], **_COMMON),
-    "thorough": settings(max_examples=300, **_COMMON),
-}
-for _name, _profile in PROFILES.items():
-    settings.register_profile(_name, _profile)
-
-_SELECTED = os.environ.get("HYPOTHESIS_PROFILE", "ci")
-if _SELECTED not in PROFILES:
-    raise ValueError(f"HYPOTHESIS_PROFILE={_SELECTED!r}: choose one of {sorted(PROFILES)}")
-# Applied per test (not loaded globally) so other test files keep their own hypothesis settings.
-PROFILE = PROFILES[_SELECTED]
+# No shrinking in CI: each example traces, edits and reloads a model, and shrinking one failure took
+# minutes; the notes print the edits of the failing example, and "thorough" shrinks.
+PROFILE = hypothesis_profile(max_examples=20, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 # --------------------------------------------------------------------------- models
 

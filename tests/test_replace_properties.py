@@ -28,35 +28,22 @@ Hypothesis profiles (pass the name in the HYPOTHESIS_PROFILE environment variabl
 from __future__ import annotations
 
 import operator
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, event, given, note, settings
+from hypothesis import event, given, note
 from hypothesis import strategies as st
 from torch import nn
 
 import fxindex
-from models import assert_rebuilt_ok, assert_unchanged, resized, single_thread, snapshot
+from models import assert_rebuilt_ok, assert_unchanged, hypothesis_profile, resized, single_thread, snapshot
 
 # --------------------------------------------------------------------------- profiles
 
-_COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
-PROFILES = {
-    "ci": settings(max_examples=25, derandomize=True, **_COMMON),
-    "thorough": settings(max_examples=300, **_COMMON),
-}
-for _name, _profile in PROFILES.items():
-    settings.register_profile(_name, _profile)
-
-_SELECTED = os.environ.get("HYPOTHESIS_PROFILE", "ci")
-if _SELECTED not in PROFILES:
-    raise ValueError(f"HYPOTHESIS_PROFILE={_SELECTED!r}: choose one of {sorted(PROFILES)}")
-# Applied per test (not loaded globally) so other test files keep their own hypothesis settings.
-PROFILE = PROFILES[_SELECTED]
+PROFILE = hypothesis_profile(max_examples=25)
 
 
 @pytest.fixture(autouse=True, scope="module")
