@@ -16,10 +16,10 @@ On-disk layout: ``path`` is a directory holding two files::
 
 - ``"format"``: ``"fxindex-recipe"``; ``"version"``: :data:`FORMAT_VERSION`.
 - ``"fxindex_version"``, ``"torch_version"``: who wrote it (informative).
-- ``"model"``: ``{"class": "ResNet"}``, the class name of the traced model, or
-  ``null`` when it was lost (``GraphModule.__deepcopy__`` renames the class
-  "GraphModule", and replace/remove/insert copy before editing unless
-  ``inplace=True``).
+- ``"model"``: ``{"class": "ResNet"}``, the class name of the traced model
+  (recorded by ``fxindex.trace``), or ``null`` for a GraphModule traced
+  elsewhere and copied (``GraphModule.__deepcopy__`` renames the class
+  "GraphModule").
 - ``"trace"``: ``{"leaf_types": ["pkg.mod:Block"], "leaf_names": ["encoder.block3"]}``,
   the leaf options of the original trace.
 - ``"example_inputs"``: ``[{"shape": [1, 3, 64, 64], "dtype": "float32"}, ...]``
