@@ -39,7 +39,15 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxindex
-from models import assert_rebuilt_ok, assert_unchanged, hypothesis_profile, resized, single_thread, snapshot
+from models import (
+    assert_rebuilt_ok,
+    assert_unchanged,
+    hypothesis_profile,
+    randomise_bn,
+    resized,
+    single_thread,
+    snapshot,
+)
 
 # --------------------------------------------------------------------------- profiles
 
@@ -169,7 +177,7 @@ class Generated(nn.Module):
                 image = False
         self.head_position = layer(width, spec.head)
         self.steps.append(("call", self.head_position))
-        _randomise(self)
+        randomise_bn(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for step in self.steps:
@@ -189,16 +197,6 @@ class Generated(nn.Module):
             elif op == "gap":
                 x = torch.flatten(self.mods[step[1]](x), 1)
         return x
-
-
-def _randomise(model: nn.Module) -> None:
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.5, 0.5)
 
 
 def build(spec: Spec, seed: int) -> tuple[Generated, tuple[torch.Tensor]]:

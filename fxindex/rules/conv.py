@@ -70,6 +70,15 @@ def _propagate_depthwise(step: Step, module: _ConvNd, change: ChannelChange) -> 
     )
 
 
+def _channel_change(step: Step, module: _ConvNd) -> ChannelChange:
+    """The input change, checked to be on the convolution's channel dimension."""
+    change = step.input_change()
+    rank = step.rank(step.node.args[0])
+    if not change.reads(_channel_dim(module, rank), rank):
+        raise step.fail(f"{type(module).__name__} reads channels but the change is on {change.describe()}")
+    return change
+
+
 def _absorb(module: _ConvNd, change: ChannelChange, weight_dim: int) -> Outcome:
     """Rebuild ``in_channels``: input channels sit on weight dim 1 (conv) or 0 (transposed)."""
     weight = remap(module.weight, weight_dim, change.mapping)
@@ -85,10 +94,7 @@ def propagate_conv(step: Step) -> Outcome:
     """Rebuild ``in_channels`` (groups=1, absorbing) or the whole depthwise conv (carrying)."""
     module = step.module
     assert isinstance(module, _ConvNd)
-    change = step.input_change()
-    rank = step.rank(step.node.args[0])
-    if not change.reads(_channel_dim(module, rank), rank):
-        raise step.fail(f"{type(module).__name__} reads channels but the change is on {change.describe()}")
+    change = _channel_change(step, module)
     if module.groups == 1:
         return _absorb(module, change, weight_dim=1)
     if module.groups == module.in_channels:
@@ -104,10 +110,7 @@ def propagate_conv_transpose(step: Step) -> Outcome:
     """Transposed convolutions keep their input channels on weight dim 0."""
     module = step.module
     assert isinstance(module, _ConvNd)
-    change = step.input_change()
-    rank = step.rank(step.node.args[0])
-    if not change.reads(_channel_dim(module, rank), rank):
-        raise step.fail(f"{type(module).__name__} reads channels but the change is on {change.describe()}")
+    change = _channel_change(step, module)
     if module.groups != 1:
         raise step.fail(f"transposed convolution with groups={module.groups}: only groups=1 is supported")
     return _absorb(module, change, weight_dim=0)
