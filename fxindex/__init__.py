@@ -26,8 +26,9 @@ from fxindex.errors import (
     ShapesRequiredError,
     TraceError,
     EditError,
+    EditWarning,
 )
-from fxindex.index import LayerEntry, LayerIndex, index
+from fxindex.index import LayerEntry, LayerIndex, LayerRef, index
 from fxindex.io import load, save
 from fxindex.plan import Plan, PlannedEdit
 from fxindex.replace import insert, plan, remove, replace
@@ -44,10 +45,12 @@ __all__ = [
     "BenchReport",
     "BenchRow",
     "EditError",
+    "EditWarning",
     "FxIndexError",
     "LayerEntry",
     "LayerIndex",
     "LayerIndexError",
+    "LayerRef",
     "LayerNameError",
     "Plan",
     "PlannedEdit",

@@ -8,6 +8,11 @@ Errors the user can fix (a module that does not import, a factory that is not
 one, a malformed ``--input``, a model fxindex cannot trace) are printed as one
 line, ``fxindex: error: ...``, on stderr, with exit status 2 like argparse's
 own usage errors; a traceback would only bury the one line that matters.
+
+Every argument is checked before any long work starts: shapes, budgets and
+output paths before the model is built, whether the inputs fit the model on
+fake tensors (no memory, no arithmetic) before anything runs for real, and
+the ``--replace`` edits before the benchmark.
 """
 
 from __future__ import annotations
@@ -17,21 +22,26 @@ import contextlib
 import difflib
 import functools
 import importlib
+import importlib.metadata
 import inspect
 import keyword
+import math
 import os
+import stat
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import tabulate
 import torch
-from torch import nn
+from torch import fx, nn
 
 import fxindex
-from fxindex.errors import FxIndexError
+from fxindex.errors import FxIndexError, ShapeMismatchError
 from fxindex.examples import SeedModel, seed_inputs
+from fxindex.shapes import make_fake_mode, preserving_buffers, quiet_fake_errors, record_shapes
 from fxindex.spec import SpecError, parse_replacement
 
 __all__ = [
@@ -42,6 +52,11 @@ __all__ = [
     "load_factory",
     "build_model",
     "parse_shape",
+    "factory_refusal",
+    "MAX_INPUT_ELEMENTS",
+    "MAX_LAYER_ELEMENTS",
+    "MAX_MIN_RUN_TIME",
+    "MAX_MESSAGE_LENGTH",
     "run_show",
     "run_demo",
     "run_bench",
@@ -52,6 +67,25 @@ PROG = "fxindex"
 # Exit status of every error, as argparse uses for usage errors.
 ERROR_STATUS = 2
 DEFAULT_FORMAT = "simple"
+# At most this many elements over all --input shapes together: 4 GiB of float32. The inputs are
+# real tensors once the benchmark (or a model with data-dependent ops) runs them, so the bound
+# keeps one mistyped size from exhausting memory; every realistic input is far below it.
+MAX_INPUT_ELEMENTS = 2**30
+# At most this many parameter and buffer elements in one --replace layer (Linear(100000, 100000)
+# would be 40 GB); counted on the meta device before the layer is built for real.
+MAX_LAYER_ELEMENTS = 2**30
+# An error line longer than this is cut in its middle.
+MAX_MESSAGE_LENGTH = 1000
+# --min-run-time is at most an hour per model: the run takes that times the rows, and inf never ends.
+MAX_MIN_RUN_TIME = 3600.0
+# A size with more significant digits is past MAX_INPUT_ELEMENTS anyway; refusing it before int()
+# keeps int() from failing (past 4300 digits) or crawling.
+_MAX_SIZE_DIGITS = 12
+# The packages whose functions are never called as factories (see factory_refusal):
+# their functions load files (torch.load), fetch and run code (torch.hub.load) or compile.
+_REFUSED_FUNCTION_PACKAGES = frozenset({"torch"})
+# fxindex's own command line: calling main() from main() would recurse.
+_COMMAND_LINE_MODULES = frozenset({"fxindex.cli", "fxindex.__main__"})
 
 
 class CommandError(Exception):
@@ -98,7 +132,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
     Raises:
         CommandError: ``text`` is not such a shape (empty, a zero or negative
-            size, a float, another separator).
+            size, a float, another separator, digits other than ASCII), or it
+            has more than :data:`MAX_INPUT_ELEMENTS` elements.
 
     Example:
         >>> parse_shape("1x3x224x224")
@@ -106,22 +141,158 @@ def parse_shape(text: str) -> tuple[int, ...]:
     """
     parts = text.split("x")
     # isdecimal rejects signs, dots, spaces and the empty parts of "1xx3"; int() would accept " 3" or "+3".
-    if not all(part.isdecimal() and part.isascii() for part in parts) or any(int(part) == 0 for part in parts):
+    # Zero is found on the text: int() of a 5000-digit part would raise instead of answering.
+    if not all(part.isdecimal() and part.isascii() for part in parts) or any(not part.strip("0") for part in parts):
         raise CommandError(
-            f"malformed --input '{text}': a shape is positive integers joined by 'x', e.g. 1x3x224x224"
+            f"malformed --input '{_shorten(text)}': a shape is positive integers joined by 'x', e.g. 1x3x224x224"
         )
-    return tuple(int(part) for part in parts)
-
-
-def _random_inputs(shapes: Sequence[str]) -> tuple[torch.Tensor, ...]:
-    """One ``torch.randn`` tensor per ``--input`` shape, in order."""
-    parsed = [parse_shape(text) for text in shapes]
-    try:
-        return tuple(torch.randn(shape) for shape in parsed)
-    except RuntimeError as error:  # a shape too large to allocate
+    if any(len(part.lstrip("0")) > _MAX_SIZE_DIGITS for part in parts):
         raise CommandError(
-            f"cannot create inputs of shape {', '.join(shapes)}: {_one_line(str(error))}"
+            f"--input '{_shorten(text)}' is too large: a shape may have at most {MAX_INPUT_ELEMENTS:,} elements"
+        )
+    shape = tuple(int(part) for part in parts)
+    elements = math.prod(shape)
+    if elements > MAX_INPUT_ELEMENTS:
+        raise CommandError(
+            f"--input '{text}' has {elements:,} elements; at most {MAX_INPUT_ELEMENTS:,} (2**30) are accepted"
+        )
+    return shape
+
+
+def _parse_inputs(texts: Sequence[str]) -> list[tuple[int, ...]]:
+    """Parse every ``--input``; their elements together stay within :data:`MAX_INPUT_ELEMENTS`."""
+    shapes = [parse_shape(text) for text in texts]
+    total = sum(math.prod(shape) for shape in shapes)
+    if total > MAX_INPUT_ELEMENTS:
+        raise CommandError(
+            f"--input {', '.join(texts)} have {total:,} elements together; at most {MAX_INPUT_ELEMENTS:,} "
+            "(2**30) are accepted"
+        )
+    return shapes
+
+
+def _fake_inputs(shapes: Sequence[tuple[int, ...]]) -> tuple[torch.Tensor, ...]:
+    """One fake float32 tensor per shape: shapes and dtypes without memory."""
+    with make_fake_mode():
+        return tuple(torch.empty(shape) for shape in shapes)
+
+
+def _random_inputs(shapes: Sequence[tuple[int, ...]]) -> tuple[torch.Tensor, ...]:
+    """One ``torch.randn`` tensor per shape, in order."""
+    try:
+        return tuple(torch.randn(shape) for shape in shapes)
+    except RuntimeError as error:  # a shape too large to allocate on this machine
+        described = ", ".join("x".join(map(str, shape)) for shape in shapes)
+        raise CommandError(f"cannot create inputs of shape {described}: {_one_line(str(error))}") from error
+
+
+def _fake_limitations() -> tuple[type[BaseException], ...]:
+    """Errors that say a model needs real data, not that its inputs do not fit.
+
+    Data-dependent ops (``.item()``, ``nonzero``, boolean masks) and ops
+    without a fake kernel fail on fake tensors whatever the input shapes.
+    """
+    from torch._subclasses import fake_tensor
+
+    names = (
+        "DataDependentOutputException",
+        "DynamicOutputShapeException",
+        "UnsupportedOperatorException",
+        "UnsupportedFakeTensorException",
+    )
+    found: list[type[BaseException]] = [getattr(fake_tensor, name) for name in names if hasattr(fake_tensor, name)]
+    with contextlib.suppress(ImportError):
+        from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+        found.append(GuardOnDataDependentSymNode)
+    found.append(NotImplementedError)
+    return tuple(found)
+
+
+def _is_fake_limitation(error: BaseException) -> bool:
+    """Whether ``error`` or an error it was raised from is one of :func:`_fake_limitations`."""
+    limitations = _fake_limitations()
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, limitations):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _describe_shapes(texts: Sequence[str]) -> str:
+    """``--input 2x3, 2x5``: the shapes as typed, for messages."""
+    return "--input " + ", ".join(texts)
+
+
+def _record_input_shapes(graph_module: fx.GraphModule, shapes: Sequence[tuple[int, ...]], texts: Sequence[str]) -> None:
+    """Record the shapes ``--input`` gives on ``graph_module``, on fake tensors.
+
+    The shape pass runs on fake inputs, so inputs that do not fit are found
+    without a real forward (which for ``2x3x3000x3000`` would allocate gigabytes
+    before failing). Only a model that fails on fake tensors for a reason
+    other than its inputs (data-dependent ops) gets one real forward, as
+    :func:`fxindex.record_shapes` would do.
+
+    Raises:
+        CommandError: the inputs do not fit the model, or their number is
+            not what its ``forward`` takes.
+    """
+    placeholders = [node for node in graph_module.graph.nodes if node.op == "placeholder"]
+    # A placeholder's args hold its default value, if it has one; "*args" takes any number.
+    if not any(str(node.target).startswith("*") for node in placeholders):
+        required = sum(1 for node in placeholders if not node.args)
+        if not required <= len(shapes) <= len(placeholders):
+            takes = f"{required}" if required == len(placeholders) else f"{required} to {len(placeholders)}"
+            raise CommandError(
+                f"{_describe_shapes(texts)}: {len(shapes)} input(s) given, but the model's forward takes {takes} "
+                f"({', '.join(str(node.target) for node in placeholders) or 'none'})"
+            )
+    try:
+        with quiet_fake_errors():
+            record_shapes(graph_module, _fake_inputs(shapes))
+        return
+    except ShapeMismatchError as error:
+        if not _is_fake_limitation(error):
+            raise CommandError(f"{_describe_shapes(texts)}: {error}") from error
+    try:
+        record_shapes(graph_module, _random_inputs(shapes))
+    except ShapeMismatchError as error:
+        raise CommandError(f"{_describe_shapes(texts)}: {error}") from error
+
+
+def _check_eager_fit(model: nn.Module, shapes: Sequence[tuple[int, ...]], texts: Sequence[str]) -> None:
+    """Run ``model`` itself on fake inputs: do they fit, without tracing it?
+
+    For ``bench`` without ``--replace`` on a model torch.fx cannot trace (a
+    traceable one is checked by :func:`_record_input_shapes`, which also keeps
+    the user's hooks out of the check). A model that needs real data is left
+    to the benchmark's first forward, which reports it.
+
+    Raises:
+        CommandError: the inputs do not fit the model.
+    """
+    fake = _fake_inputs(shapes)
+    try:
+        # fork_rng and preserving_buffers: a check is no use of the model (dropout, BatchNorm statistics).
+        with preserving_buffers(model), torch.no_grad(), torch.random.fork_rng(devices=[]), quiet_fake_errors():
+            with make_fake_mode():
+                model(*fake)
+    except Exception as error:
+        if _is_fake_limitation(error):
+            return
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise CommandError(
+            f"{_describe_shapes(texts)} do not fit the model: {type(model).__name__} failed with "
+            f"{type(error).__name__}: {reason}"
         ) from error
+
+
+def _shorten(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters, so a 5,000-character argument keeps the error readable."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def _is_dotted_identifier(path: str) -> bool:
@@ -155,22 +326,86 @@ def _cwd_importable() -> Iterator[None]:
             sys.path.remove(cwd)
 
 
-def _is_factory(obj: Any) -> bool:
-    """Whether ``obj`` may be called as a model factory.
+def _is_stdlib_module(name: str) -> bool:
+    """Whether the module ``name`` belongs to Python's standard library.
 
-    Only ``nn.Module`` subclasses, functions written in Python (bound methods
-    and ``functools.partial`` of them included) qualify. Built-in functions and
-    other callables are refused without being called: none of them builds a
-    model, and called with no arguments some of them end the process
-    (``os:abort``, ``sys:exit``, ``builtins:exit``) or fork it (``os:fork``).
+    The standard library is every top-level name in ``sys.stdlib_module_names``
+    or ``sys.builtin_module_names`` (``builtins``, ``os``, ``code``, ``http``,
+    ``subprocess``, ``importlib``, private ones like ``_io`` ...); a submodule
+    belongs to it when its top-level package does.
+    """
+    top = name.partition(".")[0]
+    return top in sys.stdlib_module_names or top in sys.builtin_module_names
+
+
+@functools.lru_cache(maxsize=1)
+def _console_scripts() -> frozenset[tuple[str, str]]:
+    """``(module, attribute)`` of every installed console or GUI script (``pip``, ``pytest``, ``fxindex``).
+
+    Read from the installed packages' metadata; no entry point is loaded.
+    """
+    scripts: set[tuple[str, str]] = set()
+    try:
+        for group in ("console_scripts", "gui_scripts"):
+            for entry in importlib.metadata.entry_points(group=group):
+                scripts.add((entry.module, entry.attr))
+    except Exception:  # broken metadata of some package: no script is known, the other rules still hold
+        return frozenset()
+    return frozenset(scripts)
+
+
+def factory_refusal(obj: Any) -> str | None:
+    """Why ``obj`` may not be called as a model factory, or ``None`` when it may.
+
+    A factory is called with no arguments, so only objects that exist to build
+    models qualify:
+
+    - an ``nn.Module`` subclass, from any module (torch.nn's own included);
+    - a function written in Python (also a bound method or ``functools.partial``
+      of one), judged by the module its innermost code was defined in
+      (``inspect.unwrap`` sees through decorators such as ``torch.no_grad()``):
+      not the standard library (:func:`_is_stdlib_module`), not ``torch``
+      itself (``torch.hub.load`` fetches and runs code, ``torch.load``
+      unpickles), not fxindex's command line, and not an installed console
+      script (``pip``'s or ``pytest``'s ``main`` parse ``sys.argv`` as theirs).
+
+    Built-in functions and other callables are refused too: none builds a
+    model, and called with no arguments some end the process (``os:abort``,
+    ``sys:exit``) or fork it (``os:fork``). Nothing is called to decide.
+
+    Args:
+        obj: the object the model path names.
+
+    Returns:
+        ``None`` for a factory, else what ``obj`` is, e.g. ``"a function of
+        torch itself (torch.hub)"``.
     """
     if isinstance(obj, functools.partial):
-        return _is_factory(obj.func)
+        return factory_refusal(obj.func)
     if inspect.isclass(obj):
-        return issubclass(obj, nn.Module)
-    if inspect.ismethod(obj):
-        return inspect.isfunction(obj.__func__)
-    return inspect.isfunction(obj)
+        return None if issubclass(obj, nn.Module) else f"a class ({obj.__qualname__}) that is not an nn.Module subclass"
+    function = obj.__func__ if inspect.ismethod(obj) else obj
+    if not inspect.isfunction(function):
+        return f"a {type(obj).__name__}"
+    try:
+        inner = inspect.unwrap(function)
+    except ValueError:  # a __wrapped__ cycle
+        return "a function whose __wrapped__ chain loops"
+    if not inspect.isfunction(inner):
+        return f"a Python wrapper of a {type(inner).__name__}"
+    # __globals__ is where the code was written: __module__ is only a label functools.wraps copies.
+    module = inner.__globals__.get("__name__")
+    if not isinstance(module, str):
+        return "a function of no known module"
+    if _is_stdlib_module(module):
+        return f"a function of the standard library ({module})"
+    if module.partition(".")[0] in _REFUSED_FUNCTION_PACKAGES:
+        return f"a function of torch itself ({module})"
+    if module in _COMMAND_LINE_MODULES:
+        return f"a function of fxindex's command line ({module})"
+    if (module, inner.__qualname__) in _console_scripts():
+        return f"the installed command {module}:{inner.__qualname__}"
+    return None
 
 
 def load_factory(spec: str) -> Callable[[], Any]:
@@ -178,7 +413,10 @@ def load_factory(spec: str) -> Callable[[], Any]:
 
     Nothing in ``spec`` is evaluated: the module is imported by name with
     ``importlib`` (which runs its top-level code, as any import does) and the
-    callable is looked up one attribute at a time with ``getattr``.
+    callable is looked up one attribute at a time with ``getattr``. A module
+    of the standard library is refused before it is imported (``antigravity``
+    opens a browser on import), and the object must pass
+    :func:`factory_refusal`.
 
     Args:
         spec: e.g. ``"torchvision.models:resnet18"`` or, with a dotted
@@ -188,14 +426,20 @@ def load_factory(spec: str) -> Callable[[], Any]:
         The factory: an ``nn.Module`` subclass or a Python function.
 
     Raises:
-        CommandError: ``spec`` is malformed, the module cannot be imported,
-            an attribute is missing, or the object is not a factory.
+        CommandError: ``spec`` is malformed, names the standard library, the
+            module cannot be imported, an attribute is missing, or the object
+            is not a factory.
     """
     module_path, colon, attribute_path = spec.partition(":")
     if not colon or not _is_dotted_identifier(module_path) or not _is_dotted_identifier(attribute_path):
         raise CommandError(
-            f"malformed model path '{spec}': expected MODULE:CALLABLE with dotted Python names "
+            f"malformed model path '{_shorten(spec)}': expected MODULE:CALLABLE with dotted Python names "
             "(no dunder names), e.g. torchvision.models:resnet18"
+        )
+    if _is_stdlib_module(module_path):
+        raise CommandError(
+            f"'{spec}' is a name in the standard library module '{module_path}', not a model factory: "
+            f"{_FACTORY_RULE}"
         )
     try:
         with _cwd_importable():
@@ -218,12 +462,16 @@ def load_factory(spec: str) -> Callable[[], Any]:
             raise CommandError(f"'{owner}' has no attribute '{name}'{hint}") from None
     if not callable(obj):
         raise CommandError(f"'{spec}' is a {type(obj).__name__}, not callable: name a model class or factory")
-    if not _is_factory(obj):
-        raise CommandError(
-            f"'{spec}' is a {type(obj).__name__}, not a model factory: name an nn.Module subclass "
-            "or a Python function that returns a model"
-        )
+    refusal = factory_refusal(obj)
+    if refusal is not None:
+        raise CommandError(f"'{spec}' is {refusal}, not a model factory: {_FACTORY_RULE}")
     return obj
+
+
+_FACTORY_RULE = (
+    "name an nn.Module subclass, or a Python function defined outside the standard library and torch "
+    "that returns a model"
+)
 
 
 def build_model(spec: str) -> nn.Module:
@@ -241,7 +489,8 @@ def build_model(spec: str) -> nn.Module:
     """
     factory = load_factory(spec)
     try:
-        model = factory()
+        with _no_stdin():
+            model = factory()
     except Exception as error:  # the user's factory failed: report it, it is not our bug
         raise CommandError(
             f"calling {spec}() failed: {type(error).__name__}: {_one_line(str(error))}"
@@ -249,6 +498,41 @@ def build_model(spec: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise CommandError(f"{spec}() returned a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+@contextlib.contextmanager
+def _no_stdin() -> Iterator[None]:
+    """Give the code inside an empty standard input, at the Python and the file-descriptor level.
+
+    Building a model never reads standard input, but a shell or debugger
+    reached from a factory (``IPython.embed``, ``pdb.set_trace``) would
+    execute what it reads there; with ``/dev/null`` it reads end-of-file.
+    """
+    saved_stdin = sys.stdin
+    try:
+        saved_fd = os.dup(0)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+    except OSError:  # no standard input to hide (a daemon) or no devnull: only the Python level
+        saved_fd = devnull = -1
+    try:
+        if devnull >= 0:
+            os.dup2(devnull, 0)
+        sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 (closed in finally)
+        yield
+    finally:
+        sys.stdin.close()
+        sys.stdin = saved_stdin
+        if devnull >= 0:
+            os.dup2(saved_fd, 0)
+            os.close(saved_fd)
+            os.close(devnull)
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation that failed (torch raises RuntimeError, Python MemoryError)."""
+    return isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    )
 
 
 def _one_line(message: str) -> str:
@@ -297,13 +581,17 @@ def run_show(args: argparse.Namespace) -> int:
         The exit status, 0.
 
     Raises:
-        CommandError: the model or an input cannot be built.
-        FxIndexError: the model cannot be traced or the inputs do not fit it.
+        CommandError: the model or an input cannot be built, or the inputs
+            do not fit the model (found on fake tensors).
+        FxIndexError: the model cannot be traced.
     """
     # Inputs first: a malformed --input should not wait for a large model to be built.
-    example_inputs = _random_inputs(args.input) if args.input else None
+    shapes = _parse_inputs(args.input)
     model = build_model(args.model)
-    print(fxindex.table(model, example_inputs, tablefmt=args.format))
+    graph_module = fxindex.trace(model)
+    if shapes:
+        _record_input_shapes(graph_module, shapes, args.input)
+    print(fxindex.table(graph_module, tablefmt=args.format))
     return 0
 
 
@@ -392,14 +680,159 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "torch.nn class with literal arguments (parsed, never evaluated); repeat for several",
     )
     parser.add_argument("--compile", action="store_true", help="also measure each model under torch.compile")
-    parser.add_argument("--min-run-time", type=float, default=0.5, metavar="SECONDS", help="timing budget per model")
-    parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    # A string, parsed by _parse_min_run_time: argparse's float() takes inf and nan, and its
+    # errors are two lines (usage and message) where every other error here is one.
+    parser.add_argument(
+        "--min-run-time",
+        default="0.5",
+        metavar="SECONDS",
+        help=f"timing budget per model, more than 0 and at most {MAX_MIN_RUN_TIME:g} (default 0.5)",
+    )
+    parser.add_argument("--json", metavar="PATH", help="write the report as JSON (a file in an existing folder)")
     parser.add_argument("--plot", metavar="PATH", help="write a bar chart of latency (needs matplotlib)")
     _add_format_argument(parser)
 
 
+def _parse_min_run_time(text: str) -> float:
+    """``--min-run-time`` as seconds: a finite number in ``(0, MAX_MIN_RUN_TIME]``.
+
+    Raises:
+        CommandError: not a number, not positive, not finite (``inf`` would
+            time forever, ``nan`` compares false with everything), or too large.
+    """
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise CommandError(f"malformed --min-run-time '{_shorten(text)}': expected seconds, e.g. 0.5") from None
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_MIN_RUN_TIME):
+        raise CommandError(
+            f"--min-run-time {_shorten(text)} is out of range: expected seconds, more than 0 and at most "
+            f"{MAX_MIN_RUN_TIME:g}"
+        )
+    return seconds
+
+
+def _check_output_path(option: str, path: str) -> str:
+    """Check, before any work, that the report can be written to ``path``.
+
+    A report that cannot be written is found only after the whole benchmark
+    otherwise. The file must be a regular file or not exist yet (devices such
+    as ``/dev/full`` accept the open and fail the write), in an existing
+    folder where a file can be created (tried, not guessed from mode bits).
+
+    Args:
+        option: the option's name, for the message (``--json``).
+        path: the path given.
+
+    Returns:
+        The path with symbolic links resolved: the file that will be replaced.
+
+    Raises:
+        CommandError: ``path`` cannot be written.
+    """
+    if not path:
+        raise CommandError(f"{option} needs a file path")
+    target = os.path.realpath(path)
+    shown = _shorten(path)
+    if os.path.isdir(target):
+        raise CommandError(f"{option} '{shown}' is a directory: name a file in it")
+    if os.path.lexists(target) and not os.path.isfile(target):
+        raise CommandError(f"{option} '{shown}' is not a regular file (a device, a pipe or a socket): name a file")
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):
+        raise CommandError(f"{option} '{shown}': folder '{_shorten(folder)}' does not exist")
+    if os.path.exists(target) and not os.access(target, os.W_OK):
+        raise CommandError(f"{option} '{shown}' is not writable")
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".fxindex-probe-")
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:
+        raise CommandError(f"{option} '{shown}': cannot write into folder '{_shorten(folder)}': {error.strerror}") from None
+    return target
+
+
+def _check_plot_support(target: str) -> None:
+    """Check that matplotlib is installed and writes the format of ``target``'s extension."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise CommandError(
+            "--plot needs matplotlib: pip install matplotlib (or pip install 'fxindex[plot]')"
+        ) from None
+    extension = os.path.splitext(target)[1].lower().lstrip(".")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    # No extension: matplotlib writes its default format (PNG).
+    if extension and extension not in formats:
+        raise CommandError(
+            f"--plot: matplotlib cannot write '.{extension}' files; use one of {', '.join('.' + f for f in sorted(formats))}"
+        )
+
+
+def _write_atomically(option: str, target: str, write: Callable[[str], object]) -> None:
+    """Write ``target`` through ``write(temporary_path)`` and rename it into place.
+
+    A failed write (a full disk) leaves the old file as it was rather than a
+    truncated one. The new file gets the old one's permissions, or the
+    default ones (``0o666`` less the umask) as ``open`` would.
+
+    Raises:
+        CommandError: the file cannot be written.
+    """
+    folder = os.path.dirname(target)
+    # The same extension: matplotlib picks the image format from it.
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".fxindex-", suffix=os.path.splitext(target)[1])
+    os.close(handle)
+    try:
+        write(temporary)
+        if os.path.exists(target):
+            mode = stat.S_IMODE(os.stat(target).st_mode)
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(temporary, mode)
+        os.replace(temporary, target)
+    except OSError as error:
+        raise CommandError(f"cannot write {option} '{_shorten(target)}': {error.strerror or error}") from error
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+
+
+def _parse_replacements(texts: Sequence[str]) -> dict[int | str, nn.Module]:
+    """Parse every ``--replace``; each layer is sized on the meta device before it is built.
+
+    Raises:
+        CommandError: a malformed spec, a layer given twice, or a layer with
+            more than :data:`MAX_LAYER_ELEMENTS` parameter and buffer elements.
+    """
+    replacements: dict[int | str, nn.Module] = {}
+    for text in texts:
+        try:
+            # On the meta device first: Linear(100000, 100000) costs nothing there and 40 GB for real.
+            with torch.device("meta"):
+                key, sized = parse_replacement(text)
+            elements = sum(tensor.numel() for tensor in (*sized.parameters(), *sized.buffers()))
+            if elements > MAX_LAYER_ELEMENTS:
+                raise CommandError(
+                    f"--replace '{_shorten(text)}': the new layer has {elements:,} parameter elements; at most "
+                    f"{MAX_LAYER_ELEMENTS:,} (2**30) are accepted"
+                )
+            if key in replacements:
+                raise CommandError(f"--replace names layer {key!r} twice; give one replacement per layer")
+            replacements[key] = parse_replacement(text)[1]
+        except SpecError as error:
+            raise CommandError(f"malformed --replace {error}") from error
+    return replacements
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """Build a model, apply the ``--replace`` edits, and benchmark original vs rebuilt.
+
+    Everything that can be checked is checked before the benchmark: the
+    shapes, the timing budget, the output paths, the replacements, that the
+    inputs fit the model (on fake tensors) and that the edits apply.
 
     Args:
         args: parsed arguments (model, input, replace, compile, min_run_time,
@@ -409,36 +842,65 @@ def run_bench(args: argparse.Namespace) -> int:
         The exit status, 0.
 
     Raises:
-        CommandError: a malformed ``--input`` or ``--replace``, or a model
-            that cannot be built.
-        FxIndexError: a replacement fxindex refuses.
+        CommandError: a malformed argument, an output that cannot be written,
+            a model that cannot be built, or inputs that do not fit it.
+        FxIndexError: a replacement fxindex refuses, or a model it cannot trace.
     """
     if not args.input:
         raise CommandError("bench needs --input SHAPE (e.g. --input 8x3x224x224)")
-    example_inputs = _random_inputs(args.input)
-    try:
-        replacements = dict(parse_replacement(text) for text in args.replace)
-    except SpecError as error:
-        raise CommandError(f"malformed --replace {error}") from error
+    shapes = _parse_inputs(args.input)
+    min_run_time = _parse_min_run_time(args.min_run_time)
+    json_target = _check_output_path("--json", args.json) if args.json is not None else None
+    plot_target = _check_output_path("--plot", args.plot) if args.plot is not None else None
+    if json_target is not None and json_target == plot_target:
+        raise CommandError("--json and --plot name the same file")
+    if plot_target is not None:
+        _check_plot_support(plot_target)
+    replacements = _parse_replacements(args.replace)
     model = build_model(args.model).eval()
     models: dict[str, nn.Module] = {"original": model}
+    try:
+        graph_module: fx.GraphModule | None = fxindex.trace(model)
+    except fxindex.TraceError:
+        if replacements:  # the edits need the graph: that error is the one to report
+            raise
+        graph_module = None  # benchmarked as it is: only the fit check differs
+    if graph_module is None:
+        _check_eager_fit(model, shapes, args.input)
+    else:
+        _record_input_shapes(graph_module, shapes, args.input)
     if replacements:
-        models["rebuilt"] = fxindex.replace(model, replacements, example_inputs=example_inputs)
-    report = fxindex.bench(
-        models,
-        example_inputs,
-        compile=args.compile,
-        min_run_time=args.min_run_time,
-        progress=sys.stderr.isatty(),
-    )
-    print(report.table(tablefmt=args.format))
-    if args.json:
-        report.to_json(args.json)
-    if args.plot:
+        assert graph_module is not None
+        # The recorded shapes serve the edits: no example_inputs, so no second shape pass.
         try:
-            report.plot(args.plot)
-        except ImportError as error:
-            raise CommandError(_one_line(str(error))) from error
+            models["rebuilt"] = fxindex.replace(graph_module, replacements)
+        except (RuntimeError, MemoryError) as error:
+            # A widening that rebuilds a large consumer (a Linear after a flatten) allocates its weights.
+            if not _is_out_of_memory(error):
+                raise
+            raise CommandError(f"the --replace edits need more memory than is free: {_one_line(str(error))}") from error
+    try:
+        report = fxindex.bench(
+            models,
+            _random_inputs(shapes),
+            compile=args.compile,
+            min_run_time=min_run_time,
+            progress=sys.stderr.isatty(),
+        )
+    except (RuntimeError, MemoryError) as error:
+        # bench's own report of a model failing on the real inputs (one that needs real data to
+        # check), or inputs and activations that do not fit in memory.
+        if "failed on example_inputs" not in str(error) and not _is_out_of_memory(error):
+            raise
+        raise CommandError(_one_line(str(error))) from error
+    print(report.table(tablefmt=args.format))
+    if json_target is not None:
+        _write_atomically("--json", json_target, report.to_json)
+    if plot_target is not None:
+        try:
+            _write_atomically("--plot", plot_target, report.plot)
+        except ValueError as error:  # no row has a latency to plot
+            raise CommandError(f"--plot: {_one_line(str(error))}") from error
     return 0
 
 
@@ -515,7 +977,12 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 1
     except (CommandError, FxIndexError) as error:
-        print(f"{PROG}: error: {_one_line(str(error))}", file=sys.stderr)
+        message = _one_line(str(error))
+        if len(message) > MAX_MESSAGE_LENGTH:
+            # A 5,000-digit argument quoted back would bury the reason, which is usually at the end.
+            half = MAX_MESSAGE_LENGTH // 2
+            message = f"{message[:half]} [... {len(message) - 2 * half:,} characters ...] {message[-half:]}"
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return ERROR_STATUS
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -19,6 +19,7 @@ __all__ = [
     "PropagationError",
     "RecipeError",
     "EditError",
+    "EditWarning",
 ]
 
 
@@ -79,3 +80,7 @@ class RecipeError(FxIndexError, ValueError):
 
 class EditError(FxIndexError, ValueError):
     """An edit's arguments do not fit the layer (``keep=`` indices, a missing layer...)."""
+
+
+class EditWarning(UserWarning):
+    """An edit did something its caller may not have meant (it changed the model's output shape)."""

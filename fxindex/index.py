@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
@@ -13,9 +14,38 @@ from fxindex.errors import LayerIndexError, LayerNameError
 from fxindex.shapes import TensorMetadata, record_shapes
 from fxindex.trace import trace
 
-__all__ = ["LayerEntry", "LayerIndex", "index", "as_graph_module", "count_parameters"]
+__all__ = ["LayerEntry", "LayerIndex", "LayerRef", "index", "as_graph_module", "count_parameters"]
 
 Shape = tuple[int, ...]
+
+
+class LayerRef(int):
+    """An execution-order index that remembers which call site it names.
+
+    :meth:`LayerIndex.find` and :attr:`LayerEntry.index` return these. A
+    ``LayerRef`` is an ``int`` everywhere, but when it selects a layer of a
+    model that was edited since (``for i in layers.find(nn.Dropout):
+    gm = fxindex.remove(gm, i)``), it selects the call site it was taken from,
+    found by its node name, not whatever layer has moved to its old position;
+    a call site that no longer exists is an error instead of a silent hit on
+    its neighbour. Arithmetic on it gives a plain ``int`` (a plain position).
+
+    Attributes:
+        node_name: the name of the ``call_module`` node it was taken from.
+        target: that node's qualified module name.
+    """
+
+    node_name: str
+    target: str
+
+    def __new__(cls, position: int, node_name: str, target: str) -> "LayerRef":
+        ref = super().__new__(cls, position)
+        ref.node_name = node_name
+        ref.target = target
+        return ref
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (LayerRef, (int(self), self.node_name, self.target))
 
 
 @dataclass(frozen=True)
@@ -75,10 +105,12 @@ class LayerIndex(Sequence[LayerEntry]):
     :meth:`position` its index.
     """
 
-    def __init__(self, graph_module: fx.GraphModule):
+    def __init__(self, graph_module: fx.GraphModule, graph: fx.Graph | None = None):
         self._graph_module = graph_module
         self._modules = dict(graph_module.named_modules())
-        self._nodes = [node for node in graph_module.graph.nodes if node.op == "call_module"]
+        # ``graph``: a copy of ``graph_module.graph`` to number instead (edits plan on copies).
+        graph = graph if graph is not None else graph_module.graph
+        self._nodes = [node for node in graph.nodes if node.op == "call_module"]
         sites: dict[str, list[int]] = {}
         for position, node in enumerate(self._nodes):
             sites.setdefault(node.target, []).append(position)
@@ -87,6 +119,7 @@ class LayerIndex(Sequence[LayerEntry]):
         # node list, and counting parameters of 10,000 layers would cost more than the edit.
         self._entries: list[LayerEntry | None] = [None] * len(self._nodes)
         self._position_of_node = {node: position for position, node in enumerate(self._nodes)}
+        self._position_of_name = {node.name: position for position, node in enumerate(self._nodes)}
 
     def _entry(self, position: int) -> LayerEntry:
         entry = self._entries[position]
@@ -94,7 +127,7 @@ class LayerIndex(Sequence[LayerEntry]):
             node = self._nodes[position]
             module = self._modules[node.target]
             entry = LayerEntry(
-                index=position,
+                index=LayerRef(position, node.name, node.target),
                 target=node.target,
                 module=module,
                 node=node,
@@ -131,20 +164,42 @@ class LayerIndex(Sequence[LayerEntry]):
     def resolve(self, key: int | str) -> int:
         """Turn an index (negative allowed) or a qualified name into a position.
 
+        A :class:`LayerRef` (from :meth:`find` or an entry) resolves to the call
+        site it was taken from, wherever that site is now.
+
         Raises:
-            LayerIndexError: an int outside ``-len .. len-1``.
+            LayerIndexError: an int outside ``-len .. len-1``, or a
+                :class:`LayerRef` whose call site is gone.
             LayerNameError: a name that is not a call site; lists close matches.
             TypeError: anything else.
         """
-        if isinstance(key, bool) or not isinstance(key, (int, str)):
-            raise TypeError(f"a layer is selected by an int index or a qualified name, got {type(key).__name__}")
+        if isinstance(key, LayerRef):
+            return self._resolve_ref(key)
         if isinstance(key, str):
             return self.position(key)
+        if isinstance(key, bool) or not hasattr(key, "__index__"):
+            raise TypeError(f"a layer is selected by an int index or a qualified name, got {type(key).__name__}")
+        try:
+            key = operator.index(key)  # numpy and 0-d tensor integers too
+        except TypeError:
+            raise TypeError(f"a layer is selected by an int index or a qualified name, got {type(key).__name__}") from None
         count = len(self._nodes)
         if not -count <= key < count:
             valid = f"0..{count - 1} (or -{count}..-1)" if count else "none: the model has no call_module layers"
             raise LayerIndexError(f"layer index {key} is out of range: valid indices are {valid}")
         return key % count
+
+    def _resolve_ref(self, ref: LayerRef) -> int:
+        # By node name: edits keep the names of the nodes they do not remove (a replaced
+        # site may get a new module name, ``relu_1``, but stays the same node).
+        position = self._position_of_name.get(ref.node_name)
+        if position is not None:
+            return position
+        raise LayerIndexError(
+            f"layer {int(ref)} ('{ref.target}', node '{ref.node_name}') is no longer in this model: an earlier edit "
+            "removed that call site; select layers by an index taken from this model "
+            "(fxindex.index(model)), or edit several layers in one call (a list or dict of indices)"
+        )
 
     def position(self, name: str) -> int:
         """Index of the first call site of the module named ``name``."""
@@ -175,7 +230,8 @@ class LayerIndex(Sequence[LayerEntry]):
                 predicate taking a :class:`LayerEntry`.
 
         Returns:
-            The matching indices, in execution order.
+            The matching indices, in execution order, as :class:`LayerRef`:
+            each keeps naming its call site after other edits of the model.
 
         Example:
             >>> import torch, fxindex
@@ -185,7 +241,9 @@ class LayerIndex(Sequence[LayerEntry]):
         """
         if isinstance(kind, type) or (isinstance(kind, tuple) and all(isinstance(k, type) for k in kind)):
             return [
-                position for position, node in enumerate(self._nodes) if isinstance(self._modules[node.target], kind)
+                LayerRef(position, node.name, node.target)
+                for position, node in enumerate(self._nodes)
+                if isinstance(self._modules[node.target], kind)
             ]
         if callable(kind):
             return [entry.index for entry in self if kind(entry)]

@@ -11,6 +11,7 @@ new shapes; nodes that read nothing changed are never run. The result is a
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch.fx.node import map_aggregate
 
 from fxindex.errors import EditError, PropagationError, ShapeMismatchError, ShapesRequiredError
 from fxindex.plan import Plan, PlannedEdit
+from fxindex.preserve import compare_layers
 from fxindex.rules import ChannelChange, Outcome, Step, Widths, find_rule, find_widths
 from fxindex.rules.registry import describe_target
 from fxindex.shapes import (
@@ -99,7 +101,7 @@ def _slots(keep: Sequence[int] | None, old_size: int, new_size: int, label: str)
     if bad:
         raise EditError(f"{label}: keep= indices {bad} are out of range: the old layer has {old_size} outputs (0..{old_size - 1})")
     if len(set(keep)) != len(keep):
-        duplicates = sorted({slot for slot in keep if keep.count(slot) > 1})
+        duplicates = sorted(slot for slot, count in Counter(keep).items() if count > 1)
         raise EditError(f"{label}: keep= repeats indices {duplicates}: each old channel can be kept once")
     if len(keep) > new_size:
         raise EditError(f"{label}: keep= names {len(keep)} channels but the new layer has only {new_size} outputs")
@@ -107,12 +109,21 @@ def _slots(keep: Sequence[int] | None, old_size: int, new_size: int, label: str)
 
 
 class _Planner:
-    def __init__(self, graph_module: fx.GraphModule, targets: list[Target], propagate: bool):
+    def __init__(
+        self,
+        graph_module: fx.GraphModule,
+        targets: list[Target],
+        propagate: bool,
+        graph: fx.Graph | None = None,
+        extra_modules: dict[str, nn.Module] | None = None,
+    ):
         self.graph_module = graph_module
+        self.graph = graph if graph is not None else graph_module.graph
         self.targets = {target.node: target for target in targets}
         self.propagate = propagate
         self.modules = dict(graph_module.named_modules())
-        placeholders = [node for node in graph_module.graph.nodes if node.op == "placeholder"]
+        self.modules.update(extra_modules or {})
+        placeholders = [node for node in self.graph.nodes if node.op == "placeholder"]
         self.has_shapes = bool(placeholders) and all("tensor_meta" in node.meta for node in placeholders)
         self.mode = make_fake_mode() if self.has_shapes else None
         # TensorMetadata has no device: activations live where the weights do.
@@ -162,8 +173,9 @@ class _Planner:
             # New and rebuilt modules are not inside the graph module's buffer guard: a
             # BatchNorm in train mode would count the fake run as a batch. The guard's
             # copies must be real tensors, so it is entered outside the fake mode.
+            # forward, not __call__: planning is not a use of the model, so user hooks do not run.
             with preserving_buffers(module), self.mode, quiet_fake_errors():
-                return module(*args, **kwargs)
+                return module.forward(*args, **kwargs)
         with self.mode, quiet_fake_errors():
             if node.op == "call_function":
                 return node.target(*args, **kwargs)
@@ -176,8 +188,9 @@ class _Planner:
 
     # -- the walk ---------------------------------------------------------------------------
     def build(self) -> Plan:
-        nodes = list(self.graph_module.graph.nodes)
-        start = min(nodes.index(node) for node in self.targets)
+        nodes = list(self.graph.nodes)
+        positions = {node: position for position, node in enumerate(nodes)}
+        start = min(positions[node] for node in self.targets)
         with preserving_buffers(self.graph_module):
             for node in nodes[start:]:
                 self.visit(node)
@@ -268,6 +281,7 @@ class _Planner:
     def visit_target(self, node: fx.Node, target: Target, old_module: nn.Module | None) -> None:
         new_module = target.module
         input_changes = {arg: self.changes[arg] for arg in node.all_input_nodes if arg in self.changes}
+        self.check_placement(node, target, old_module)
         if self.mode is not None:
             inputs = ", ".join(
                 _shape_text(self.new_metas.get(arg, arg.meta.get("tensor_meta"))) for arg in node.all_input_nodes
@@ -281,6 +295,7 @@ class _Planner:
                 ) from error
             self.values[node] = result
             new_meta = meta_of(result)
+            self.check_output_dtype(node, target, old_module, new_meta)
             change = self.target_change_from_shapes(node, target, new_meta)
         else:
             new_meta = None
@@ -301,6 +316,9 @@ class _Planner:
                 )
         elif new_meta is None and self.mode is not None:
             self.dirty.add(node)
+        reason = self.compare(node, target, old_module, input_changes, change)
+        if reason is not None:
+            self.plan.breaks_function.append((node.name, reason))
         self.plan.edits.append(
             PlannedEdit(
                 node=node.name,
@@ -313,6 +331,66 @@ class _Planner:
                 module=new_module,
             )
         )
+
+    def compare(
+        self,
+        node: fx.Node,
+        target: Target,
+        old_module: nn.Module | None,
+        input_changes: dict[fx.Node, ChannelChange],
+        change: ChannelChange | None,
+    ) -> str | None:
+        """Why the edit at a target is not function-preserving there, or ``None`` when it is."""
+        if old_module is None:
+            return "not verified: the replaced call site has no module to compare with"
+        if self.mode is None:
+            return (
+                "not verified: without recorded shapes fxindex cannot run the old and new layer to compare them; "
+                "pass example_inputs=(...)"
+            )
+        new_metas = {arg: self.new_metas.get(arg) for arg in input_changes}
+        reason = compare_layers(node, old_module, target.module, input_changes, new_metas, change, self.device)
+        if reason is not None and target.action == "remove" and reason.startswith("not function-preserving"):
+            return "not function-preserving: removing the layer changes what its users read"
+        return reason
+
+    def check_placement(self, node: fx.Node, target: Target, old_module: nn.Module | None) -> None:
+        """The new layer's floating-point tensors must have the dtype and device of the layer it replaces."""
+        new_tensors = [t for t in (*target.module.parameters(), *target.module.buffers()) if t.is_floating_point()]
+        if not new_tensors:
+            return
+        old_tensors = [
+            t for t in (*old_module.parameters(), *old_module.buffers()) if t.is_floating_point()
+        ] if old_module is not None else []
+        if old_tensors:
+            expected_dtype, expected_device, what = old_tensors[0].dtype, old_tensors[0].device, f"{_short(old_module)}'s"
+        else:
+            meta = node.args[0].meta.get("tensor_meta") if node.args and isinstance(node.args[0], fx.Node) else None
+            expected_dtype = meta.dtype if isinstance(meta, TensorMetadata) and meta.dtype.is_floating_point else None
+            expected_device, what = self.device, "its input's"
+        for name, tensor in (*target.module.named_parameters(), *target.module.named_buffers()):
+            if not tensor.is_floating_point():
+                continue
+            if expected_dtype is not None and tensor.dtype != expected_dtype:
+                raise ShapeMismatchError(
+                    f"{target.label}, node '{node.name}': the new layer {_short(target.module)} holds {name!r} as "
+                    f"{tensor.dtype}, but {what} dtype is {expected_dtype}; convert it first "
+                    f"(new_layer.to({expected_dtype}))"
+                )
+            if tensor.device != expected_device:
+                raise ShapeMismatchError(
+                    f"{target.label}, node '{node.name}': the new layer {_short(target.module)} holds {name!r} on "
+                    f"{tensor.device}, but {what} device is {expected_device}; move it first "
+                    f"(new_layer.to('{expected_device}'))"
+                )
+
+    def check_output_dtype(self, node: fx.Node, target: Target, old_module: nn.Module | None, new_meta: Any) -> None:
+        old_meta = node.meta.get("tensor_meta")
+        if isinstance(old_meta, TensorMetadata) and isinstance(new_meta, TensorMetadata) and old_meta.dtype != new_meta.dtype:
+            raise ShapeMismatchError(
+                f"{target.label}, node '{node.name}': the new layer {_short(target.module)} returns {new_meta.dtype} "
+                f"where {_short(old_module)} returned {old_meta.dtype}; the layers after it expect {old_meta.dtype}"
+            )
 
     def target_change_from_shapes(self, node: fx.Node, target: Target, new_meta: Any) -> ChannelChange | None:
         old_meta = node.meta.get("tensor_meta")
@@ -440,17 +518,29 @@ def _arguments_text(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     return "(" + ", ".join(parts) + ")"
 
 
-def build_plan(graph_module: fx.GraphModule, targets: list[Target], *, propagate: bool = True) -> Plan:
+def build_plan(
+    graph_module: fx.GraphModule,
+    targets: list[Target],
+    *,
+    propagate: bool = True,
+    graph: fx.Graph | None = None,
+    extra_modules: dict[str, nn.Module] | None = None,
+) -> Plan:
     """Compute the plan of a replacement without modifying ``graph_module``.
 
     Args:
         graph_module: the traced model (read only; buffers restored if a
             fake run touched them).
-        targets: the call sites to replace.
+        targets: the call sites to replace (nodes of ``graph``).
         propagate: when False, downstream layers are kept as they are and
             must still accept the new shapes.
+        graph: the graph to plan on, when it is a copy of
+            ``graph_module.graph`` (with shapes for other inputs, or an
+            inserted node); default ``graph_module.graph``.
+        extra_modules: modules that ``graph`` calls by names that
+            ``graph_module`` does not have yet (an inserted layer).
 
     Returns:
         The :class:`Plan`.
     """
-    return _Planner(graph_module, targets, propagate).build()
+    return _Planner(graph_module, targets, propagate, graph, extra_modules).build()

@@ -21,6 +21,7 @@ and :func:`restore_meta` puts them back into ``meta``, which deep copies carry.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from collections.abc import Callable
@@ -30,6 +31,7 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.rnn import RNNBase
 
+from fxindex.layer_classes import layer_class, refusal
 from fxindex.trace import TRACE_OPTIONS_KEY
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "describe_layer",
     "build_layer",
     "check_description",
+    "layer_size",
     "record_edit",
     "recipe",
     "trace_options",
@@ -129,6 +132,11 @@ def describe_layer(module: nn.Module) -> dict[str, Any]:
     name = cls.__name__
     if getattr(nn, name, None) is not cls:
         return {"type": f"{cls.__module__}.{cls.__qualname__}", "error": "not a torch.nn layer class"}
+    # The rule load applies (fxindex.layer_classes): what it would refuse is not saved either.
+    # A lazy layer is refused here before its uninitialised parameters are looked at.
+    reason = refusal(cls)
+    if reason is not None:
+        return {"type": name, "error": f"not a torch.nn layer class fxindex rebuilds: {reason}"}
     kwargs: dict[str, Any] = {}
     try:
         for parameter in _constructor_parameters(cls):
@@ -176,15 +184,16 @@ def _argument(value: Any, where: str) -> Any:
         return value
     if isinstance(value, list):
         return tuple(_argument(item, where) for item in value)
-    raise ValueError(f"{where} must be a literal (number, string, bool, null or a list of them), got {value!r}")
+    raise ValueError(f"{where} must be a literal (number, string, bool, null or a list of them), got {_short(value)}")
 
 
 def check_description(description: Any) -> tuple[type[nn.Module], dict[str, Any]]:
     """Check a layer description without building it: the class and the constructor arguments.
 
-    Nothing in the description is evaluated or imported: ``type`` is looked up
-    as a public attribute of ``torch.nn`` and must be an ``nn.Module``
-    subclass defined in torch.nn; the arguments must be literals.
+    Nothing in the description is evaluated or imported: ``type`` must be a
+    class :func:`fxindex.layer_classes.layer_class` allows (a public torch.nn
+    layer class, not ``Module``, a container or a lazy layer); the arguments
+    must be literals.
 
     Args:
         description: ``{"type": "Linear", "kwargs": {"in_features": 4, ...}}``.
@@ -193,32 +202,34 @@ def check_description(description: Any) -> tuple[type[nn.Module], dict[str, Any]
         The class and the keyword arguments to call it with (lists as tuples).
 
     Raises:
-        ValueError: the type is not a torch.nn layer class, or the description
-            is malformed.
+        ValueError: the type is not a torch.nn layer class (a
+            ``LayerClassError``), or the description is malformed.
     """
     if not isinstance(description, dict) or not isinstance(description.get("type"), str):
-        raise ValueError(f"a layer description is a dict with a 'type' string, got {description!r}")
+        raise ValueError(f"a layer description is a dict with a 'type' string, got {_short(description)}")
     name = description["type"]
-    # Checked before getattr: a dunder or private name is never a layer class.
-    cls = None if name.startswith("_") or not name.isidentifier() else getattr(nn, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__.startswith("torch.nn.")):
-        raise ValueError(f"layer type {name!r} is not a torch.nn layer class (expected a name such as 'Linear' or 'Conv2d')")
+    # The rule the command line's spec parser follows too (LayerClassError is a ValueError).
+    cls = layer_class(name)
     kwargs = description.get("kwargs", {})
     if not isinstance(kwargs, dict) or not all(isinstance(key, str) for key in kwargs):
-        raise ValueError(f"the kwargs of a {name} must be a dict with string keys, got {kwargs!r}")
+        raise ValueError(f"the kwargs of a {name} must be a dict with string keys, got {_short(kwargs)}")
     return cls, {key: _argument(value, f"argument {key!r} of {name}") for key, value in kwargs.items()}
 
 
-def build_layer(description: dict[str, Any]) -> nn.Module:
+def build_layer(description: dict[str, Any], device: torch.device | str | None = None) -> nn.Module:
     """Build the layer a :func:`describe_layer` dict describes (torch.nn classes only).
 
     The description is checked by :func:`check_description` first.
 
     Args:
         description: ``{"type": "Linear", "kwargs": {"in_features": 4, ...}}``.
+        device: the default device while the constructor runs; ``"meta"``
+            builds the layer without memory or initialisation arithmetic
+            (how :func:`layer_size` measures a layer before it is built).
 
     Returns:
-        A freshly initialised layer, on the default device and dtype.
+        A freshly initialised layer, on ``device`` (default: the default
+        device) and the default dtype.
 
     Raises:
         ValueError: the type is not a torch.nn layer, or the description is
@@ -229,10 +240,46 @@ def build_layer(description: dict[str, Any]) -> nn.Module:
         Linear(in_features=4, out_features=2, bias=True)
     """
     cls, arguments = check_description(description)
+    placement = torch.device(device) if device is not None else contextlib.nullcontext()
     try:
-        return cls(**arguments)
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise ValueError(f"{cls.__name__}(**{description.get('kwargs', {})}) failed: {type(error).__name__}: {error}") from error
+        with placement:
+            return cls(**arguments)
+    except Exception as error:
+        # Whatever the constructor raises on untrusted arguments (TypeError, RuntimeError on a negative
+        # size, OverflowError on a size past int64, NotImplementedError...) is one kind of failure.
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(f"{cls.__name__}(**{_short(description.get('kwargs', {}))}) failed: {type(error).__name__}: {reason}") from error
+
+
+def layer_size(description: dict[str, Any]) -> int:
+    """How many elements the parameters and buffers of the described layer hold, without building it.
+
+    The layer is built on the meta device (no memory, no initialisation
+    arithmetic) under a forked random stream, so a description naming
+    ``Linear(4, 60_000_000)`` costs nothing to measure.
+
+    Args:
+        description: ``{"type": "Linear", "kwargs": {"in_features": 4, ...}}``.
+
+    Returns:
+        The total number of elements.
+
+    Raises:
+        ValueError: as :func:`build_layer`.
+
+    Example:
+        >>> layer_size({"type": "Linear", "kwargs": {"in_features": 4, "out_features": 2}})
+        10
+    """
+    with torch.random.fork_rng(devices=[]):
+        layer = build_layer(description, device="meta")
+    return sum(tensor.numel() for tensor in layer.parameters()) + sum(tensor.numel() for tensor in layer.buffers())
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a message must not echo a megabyte of recipe."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -10,38 +10,79 @@ leaves the model exactly as it was, ``inplace=True`` included.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
+import itertools
+import operator
+import warnings
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import fx, nn
 
-from fxindex.errors import FxIndexError
+from fxindex.errors import EditError, EditWarning, FxIndexError
 from fxindex.index import LayerIndex, as_graph_module
 from fxindex.plan import Plan
 from fxindex.propagate import Target, build_plan
 from fxindex.recipe import describe_layer, record_edit, restore_meta
 from fxindex.rules import Widths, find_widths
-from fxindex.speed import speed_up
+from fxindex.shapes import record_shapes_on
+from fxindex.speed import CACHE_ATTRIBUTE, speed_up
 
 __all__ = ["replace", "plan", "remove", "insert", "apply_plan"]
 
 Selector = int | str
+
+#: The most ``keep=`` entries read from one iterable: enough for any real layer, and an
+#: endless generator (``itertools.count()``) stops here instead of filling memory.
+MAX_KEEP = 1 << 20
 
 
 def _label(layers: LayerIndex, position: int) -> str:
     return f"layer {position} ('{layers.node(position).target}')"
 
 
-def _check_layer(new_layer: Any, label: str) -> nn.Module:
+def _check_layer(new_layer: Any, label: str, model: nn.Module) -> nn.Module:
     if not isinstance(new_layer, nn.Module):
         raise TypeError(f"{label}: the new layer must be an nn.Module, got {type(new_layer).__name__}")
+    if any(module is model for module in new_layer.modules()):
+        # Installing it would make the model its own submodule: forward would recurse forever.
+        raise EditError(f"{label}: the new layer contains the model itself ({type(model).__name__}); pass a layer")
     return new_layer
 
 
+def _as_slots(value: Any, where: str) -> tuple[int, ...]:
+    """``keep=`` read once into a tuple of ints (a generator would be used up by the first reader).
+
+    Accepts any iterable of integers: lists, tuples, ranges, generators, numpy
+    arrays and 1-d integer tensors (``torch.topk(...).indices``).
+    """
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1 or value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise EditError(
+                f"{where}: keep= must be a 1-d tensor of integer channel indices, got a {value.dim()}-d {value.dtype} tensor"
+            )
+        return tuple(int(slot) for slot in value.tolist())
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise EditError(f"{where}: keep= must be a sequence of int channel indices, got {type(value).__name__}")
+    slots = []
+    for slot in itertools.islice(value, MAX_KEEP + 1):
+        if isinstance(slot, (bool, float)) or type(slot).__name__ in ("bool_", "bool"):
+            raise EditError(f"{where}: keep= must hold int channel indices, got {slot!r} ({type(slot).__name__})")
+        try:
+            slots.append(operator.index(slot))  # numpy integers and 0-d integer tensors too
+        except TypeError:
+            raise EditError(f"{where}: keep= must hold int channel indices, got {slot!r} ({type(slot).__name__})") from None
+    if len(slots) > MAX_KEEP:
+        raise EditError(f"{where}: keep= has more than {MAX_KEEP} entries; no layer has that many channels")
+    return tuple(slots)
+
+
 def _select(
-    graph_module: fx.GraphModule,
+    layers: LayerIndex,
     index: Selector | Mapping[Selector, nn.Module],
     new_layer: nn.Module | None,
     keep: Sequence[int] | Mapping[Selector, Sequence[int]] | None,
@@ -53,7 +94,6 @@ def _select(
     Returns:
         The targets, and the edit as recipe data.
     """
-    layers = LayerIndex(graph_module)
     if isinstance(index, Mapping):
         if new_layer is not None:
             raise TypeError(f"{caller}: with a dict of replacements, leave new_layer out (got {_short_type(new_layer)})")
@@ -68,15 +108,18 @@ def _select(
         if len(choices) != 1:
             raise TypeError(f"{caller}: with several replacements, give keep as a dict {{index: keep}}")
         keep = {next(iter(choices)): keep}
-    keeps = {layers.resolve(key): value for key, value in (keep or {}).items()}
+    keeps: dict[int, tuple[int, ...]] = {}
+    for key, value in (keep or {}).items():
+        position = layers.resolve(key)
+        keeps[position] = _as_slots(value, _label(layers, position))
     targets: dict[fx.Node, Target] = {}
     recorded: list[dict[str, Any]] = []
     for key, layer in choices.items():
         position = layers.resolve(key)
         label = _label(layers, position)
-        layer = _check_layer(layer, label)
+        layer = _check_layer(layer, label, layers.graph_module)
         name = str(layers.node(position).target)
-        recorded.append({"index": position, "target": name, "layer": describe_layer(layer)})
+        recorded.append({"index": int(position), "target": name, "layer": describe_layer(layer)})
         sites = layers.positions(name) if all_sites else [position]
         for site in sites:
             node = layers.node(site)
@@ -89,7 +132,7 @@ def _select(
     edit = {
         "op": "replace",
         "layers": recorded,
-        "keep": {str(position): [int(slot) for slot in value] for position, value in keeps.items()},
+        "keep": {str(position): list(value) for position, value in keeps.items()},
         "all_sites": all_sites,
     }
     return list(targets.values()), edit
@@ -99,46 +142,165 @@ def _short_type(value: Any) -> str:
     return type(value).__name__
 
 
-def _source(model: nn.Module, example_inputs: tuple[Any, ...] | None, caller: str) -> fx.GraphModule:
-    """The GraphModule to plan on: ``model`` itself, or its fresh trace (which shares its layers)."""
+class _Source:
+    """What an edit plans on: the caller's GraphModule and the graph to read.
+
+    When the caller passes a GraphModule with ``example_inputs``, or an insert
+    needs a node the caller's graph lacks, planning must not touch the
+    caller's graph: ``graph`` is then a copy (same node names), and
+    ``module`` the caller's own GraphModule, whose layers are only read.
+    """
+
+    def __init__(self, module: fx.GraphModule, graph: fx.Graph | None = None):
+        self.module = module
+        self.graph = graph if graph is not None else module.graph
+        self.extra_modules: dict[str, nn.Module] = {}
+
+    def staged(self) -> "_Source":
+        """This source with its own copy of the graph (a no-op if it has one)."""
+        if self.graph is not self.module.graph:
+            return self
+        return _Source(self.module, copy.deepcopy(self.module.graph))
+
+    def index(self) -> LayerIndex:
+        return LayerIndex(self.module, graph=self.graph)
+
+
+def _source(model: nn.Module, example_inputs: tuple[Any, ...] | None, caller: str) -> _Source:
+    """What to plan on: ``model`` itself, a copy of its graph with new shapes, or its fresh trace (which shares its layers)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller} expects an nn.Module or a torch.fx.GraphModule, got {type(model).__name__}")
-    return as_graph_module(model, example_inputs, caller=caller)
+    if isinstance(model, fx.GraphModule):
+        source = _Source(model)
+        if example_inputs is not None:
+            # plan() and a failed replace() promise to touch nothing: record on a copy of the graph.
+            source = source.staged()
+            record_shapes_on(model, source.graph, example_inputs)
+        return source
+    return _Source(as_graph_module(model, example_inputs, caller=caller))
 
 
-def _edited(graph_module: fx.GraphModule, inplace: bool) -> fx.GraphModule:
+def _edited(source: _Source, inplace: bool, planned: Plan) -> tuple[fx.GraphModule, Plan]:
     """The module to install a plan into: the caller's own when ``inplace``, else a deep copy.
 
-    Copying after planning means a refused edit costs no copy at all.
+    Copying after planning means a refused edit costs no copy at all. A new
+    layer that is (or shares tensors with) a layer of the model is copied
+    together with the model, so the result shares nothing with the caller's
+    model, and aliasing inside the result (a layer used twice) is kept.
     """
+    graph_module = source.module
     if inplace:
-        return graph_module
+        return graph_module, planned
     # An unpickled GraphModule keeps its recipe as attributes only, which deepcopy drops.
     restore_meta(graph_module)
-    return copy.deepcopy(graph_module)
+    owned = {id(value) for value in (*graph_module.modules(), *graph_module.parameters(), *graph_module.buffers())}
+    shared = [
+        edit.module
+        for edit in planned.edits
+        if edit.module is not None
+        and any(id(value) in owned for value in (edit.module, *edit.module.parameters(), *edit.module.buffers()))
+    ]
+    if not shared:
+        return copy.deepcopy(graph_module), planned
+    memo: dict[int, Any] = {}
+    copied = copy.deepcopy(graph_module, memo)
+    modules = {id(module): copy.deepcopy(module, memo) for module in shared}
+    edits = [
+        dataclasses.replace(edit, module=modules[id(edit.module)]) if edit.module is not None and id(edit.module) in modules else edit
+        for edit in planned.edits
+    ]
+    return copied, dataclasses.replace(planned, edits=edits)
 
 
-def _working_copy(model: nn.Module, example_inputs: tuple[Any, ...] | None, inplace: bool, caller: str) -> fx.GraphModule:
-    """The GraphModule to edit before planning (insert adds its node first)."""
-    if isinstance(model, fx.GraphModule) or not inplace:
-        return _edited(_source(model, example_inputs, caller), inplace)
-    return _source(model, example_inputs, caller)
-
-
-def _unique_name(graph_module: fx.GraphModule, target: str, *, plain_first: bool = False) -> str:
+def _unique_name(graph_module: fx.GraphModule, target: str, *, plain_first: bool = False, taken: set[str] | None = None) -> str:
     """A free qualified name beside ``target``: ``target`` itself (if asked and free), else ``target_1``..."""
     parent_name, _, atom = target.rpartition(".")
     parent = graph_module.get_submodule(parent_name)
-    if plain_first and not hasattr(parent, atom):
+    taken = taken or set()
+
+    def free(candidate: str) -> bool:
+        full = f"{parent_name}.{candidate}" if parent_name else candidate
+        return not hasattr(parent, candidate) and full not in taken
+
+    if plain_first and free(atom):
         return target
     suffix = 1
-    while hasattr(parent, f"{atom}_{suffix}"):
+    while not free(f"{atom}_{suffix}"):
         suffix += 1
     return f"{parent_name}.{atom}_{suffix}" if parent_name else f"{atom}_{suffix}"
 
 
-def apply_plan(graph_module: fx.GraphModule, plan: Plan) -> fx.GraphModule:
+_MISSING = object()
+
+
+class _CompiledState:
+    """A GraphModule's generated code as it is now, to put back without recompiling.
+
+    Recompiling the old graph would give equivalent code, but not the same
+    text: the fast-lookup code carries a fresh token per generation, and a
+    failed in-place edit promises ``gm.code`` unchanged.
+    """
+
+    _INSTANCE = ("_code", "_lineno_map", "_prologue_start", "_in_spec", "_out_spec", CACHE_ATTRIBUTE)
+    _CLASS = ("forward", "__call__", "_wrapped_call")
+
+    def __init__(self, graph_module: fx.GraphModule):
+        self.graph_module = graph_module
+        self.instance = {key: graph_module.__dict__.get(key, _MISSING) for key in self._INSTANCE}
+        self.cls = {key: vars(type(graph_module)).get(key, _MISSING) for key in self._CLASS}
+
+    def restore(self) -> None:
+        for key, value in self.instance.items():
+            if value is _MISSING:
+                self.graph_module.__dict__.pop(key, None)
+            else:
+                self.graph_module.__dict__[key] = value
+        cls = type(self.graph_module)
+        for key, value in self.cls.items():
+            if value is _MISSING:
+                if key in vars(cls):
+                    delattr(cls, key)
+            else:
+                setattr(cls, key, value)
+
+
+class _ModuleTreeLog:
+    """Sets and deletes submodules of a root, remembering what was there so a failure can undo it."""
+
+    def __init__(self, root: nn.Module):
+        self.root = root
+        # Each touched parent's ``_modules`` as it was, in order (state-dict order follows it).
+        self.saved: dict[int, tuple[nn.Module, list[tuple[str, Any]]]] = {}
+
+    def _parent(self, target: str) -> tuple[nn.Module, str]:
+        parent_name, _, atom = target.rpartition(".")
+        parent = self.root.get_submodule(parent_name)
+        self.saved.setdefault(id(parent), (parent, list(parent._modules.items())))
+        return parent, atom
+
+    def set(self, target: str, module: nn.Module) -> None:
+        parent, atom = self._parent(target)
+        parent.add_module(atom, module)
+
+    def delete(self, target: str) -> None:
+        parent, atom = self._parent(target)
+        parent._modules.pop(atom, None)
+
+    def rollback(self) -> None:
+        # The same dict objects, refilled: the fast-lookup cache keys on their identity.
+        for parent, items in self.saved.values():
+            parent._modules.clear()
+            parent._modules.update(items)
+        self.saved.clear()
+
+
+def apply_plan(graph_module: fx.GraphModule, plan: Plan, graph: fx.Graph | None = None) -> fx.GraphModule:
     """Install ``plan`` into ``graph_module`` (in place): modules, arguments, shapes; lint; recompile.
+
+    All or nothing: the edits are made on a copy of the graph, which is
+    linted before anything of ``graph_module`` changes; then the new modules
+    are set and the new graph is swapped in. If that fails, every submodule
+    and the old graph are put back, so ``graph_module`` is as before.
 
     The result is recompiled through :func:`~fxindex.speed.speed_up`, so it
     runs at eager speed.
@@ -150,20 +312,26 @@ def apply_plan(graph_module: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     Args:
         graph_module: the module the plan was computed on (or a deep copy).
         plan: from :func:`plan`.
+        graph: the graph the plan was computed on, when it is not
+            ``graph_module.graph`` (a copy with other shapes or an inserted
+            node); its nodes are matched by name.
 
     Returns:
         ``graph_module``.
     """
-    graph = graph_module.graph
-    nodes = {node.name: node for node in graph.nodes}
+    old_graph = graph_module.graph
+    new_graph = copy.deepcopy(graph if graph is not None else old_graph)
+    nodes = {node.name: node for node in new_graph.nodes}
     sites: dict[str, int] = defaultdict(int)
-    for node in graph.nodes:
+    for node in new_graph.nodes:
         if node.op == "call_module":
             sites[node.target] += 1
     by_target: dict[str, list] = defaultdict(list)
     for edit in plan.edits:
         if edit.module is not None and edit.action != "remove":
             by_target[str(nodes[edit.node].target)].append(edit)
+    installs: list[tuple[str, nn.Module]] = []
+    taken: set[str] = set()
     for target, edits in by_target.items():
         every_site = len(edits) == sites[target]
         installed: dict[int, str] = {}
@@ -173,32 +341,50 @@ def apply_plan(graph_module: fx.GraphModule, plan: Plan) -> fx.GraphModule:
                 if every_site and not installed:
                     name = target  # same key in the state dict
                 else:
-                    name = _unique_name(graph_module, target)
-                graph_module.add_submodule(name, edit.module)
+                    name = _unique_name(graph_module, target, taken=taken)
+                taken.add(name)
+                installs.append((name, edit.module))
                 installed[id(edit.module)] = name
             node.target = installed[id(edit.module)]
+    removed: list[str] = []
     for edit in plan.edits:
         node = nodes[edit.node]
-        # The plan was computed on the source graph; a copy has its own nodes, found by name.
+        # The plan was computed on the source graph; the copy has its own nodes, found by name.
         if edit.args is not None:
             node.args = fx.node.map_arg(edit.args, lambda arg: nodes[arg.name])
         if edit.kwargs is not None:
             node.kwargs = fx.node.map_arg(edit.kwargs, lambda arg: nodes[arg.name])
         if edit.action == "remove":
-            target = node.target
+            removed.append(str(node.target))
             node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
-            if not any(other.op == "call_module" and other.target == target for other in graph.nodes):
-                graph_module.delete_submodule(target)
+            new_graph.erase_node(node)
     for name, meta in plan.new_metas.items():
-        if name in nodes and nodes[name].graph is graph:
+        if name in nodes and nodes[name].graph is new_graph:
             if meta is None:
                 nodes[name].meta.pop("tensor_meta", None)
             else:
                 nodes[name].meta["tensor_meta"] = meta
-    graph.lint()
-    # speed_up recompiles; it also gives a GraphModule traced elsewhere eager-speed code.
-    return speed_up(graph_module)
+    new_graph.lint()
+    still_called = {node.target for node in new_graph.nodes if node.op == "call_module"}
+    log = _ModuleTreeLog(graph_module)
+    compiled = _CompiledState(graph_module)
+    try:
+        for name, module in installs:
+            log.set(name, module)
+        for target in dict.fromkeys(removed):
+            if target not in still_called:
+                log.delete(target)
+        # Not the ``graph`` setter, which recompiles: speed_up recompiles once (and gives a
+        # GraphModule traced elsewhere eager-speed code).
+        graph_module._graph = new_graph
+        new_graph.owning_module = graph_module
+        return speed_up(graph_module)
+    except BaseException:
+        log.rollback()
+        graph_module._graph = old_graph
+        old_graph.owning_module = graph_module
+        compiled.restore()
+        raise
 
 
 def _with_context(error: FxIndexError, caller: str) -> FxIndexError:
@@ -216,14 +402,39 @@ def _plan_edit(
     keep: Sequence[int] | Mapping[Selector, Sequence[int]] | None,
     propagate: bool,
     all_sites: bool,
-) -> tuple[fx.GraphModule, Plan, dict[str, Any]]:
+) -> tuple[_Source, Plan, dict[str, Any]]:
     """Trace if needed, select the sites and plan: what plan() returns and replace() applies."""
-    source = _source(model, example_inputs, caller=caller)
-    try:
-        targets, edit = _select(source, index, new_layer, keep, all_sites, caller)
-        return source, build_plan(source, targets, propagate=propagate), edit
-    except FxIndexError as error:
-        raise _with_context(error, caller) from error.__cause__
+    with _editing():
+        source = _source(model, example_inputs, caller=caller)
+        try:
+            targets, edit = _select(source.index(), index, new_layer, keep, all_sites, caller)
+            planned = build_plan(source.module, targets, propagate=propagate, graph=source.graph)
+        except FxIndexError as error:
+            raise _with_context(error, caller) from error.__cause__
+        return source, planned, edit
+
+
+@contextlib.contextmanager
+def _editing() -> Iterator[None]:
+    """The context every edit runs in.
+
+    Outside inference mode, even when the caller is inside one: tensors made
+    there (copies, rebuilt weights) would be inference tensors, and the edited
+    model could never be trained.
+    """
+    with torch.inference_mode(False):
+        yield
+
+
+def _install(source: _Source, planned: Plan, inplace: bool, edits: list[dict[str, Any]]) -> fx.GraphModule:
+    """Copy (unless ``inplace``), install the plan and record the edits: the one place that writes."""
+    with _editing():
+        graph_module, planned = _edited(source, inplace, planned)
+        graph = source.graph if source.graph is not source.module.graph else None
+        apply_plan(graph_module, planned, graph)
+        for edit in edits:
+            record_edit(graph_module, edit)
+        return graph_module
 
 
 def plan(
@@ -319,25 +530,53 @@ def replace(
     source, planned, edit = _plan_edit(
         "fxindex.replace", model, index, new_layer, example_inputs, keep, propagate, all_sites
     )
-    graph_module = apply_plan(_edited(source, inplace), planned)
-    record_edit(graph_module, {**edit, "propagate": propagate})
-    return graph_module
+    return _install(source, planned, inplace, [{**edit, "propagate": propagate}])
+
+
+def _several(index: Any, caller: str) -> list[Any]:
+    """One selector or a list/tuple of them, as a list (a str is one qualified name)."""
+    if isinstance(index, (list, tuple)):
+        if not index:
+            raise TypeError(f"{caller}: the list of layers is empty")
+        return list(index)
+    return [index]
+
+
+def _warn_if_output_changes(planned: Plan, caller: str, what: str) -> None:
+    """Removing or inserting a layer rarely means to change the model's output shape: say so when it does."""
+    if planned.output_changes:
+        warnings.warn(
+            f"{caller}: {what} changes the model's output: {'; '.join(planned.output_changes)}. If that was not "
+            "meant, check the indices (indices from before an earlier edit may name other layers now)",
+            EditWarning,
+            stacklevel=3,
+        )
 
 
 def remove(
     model: nn.Module,
-    index: Selector,
+    index: Selector | Sequence[Selector],
     *,
     example_inputs: tuple[Any, ...] | None = None,
     inplace: bool = False,
 ) -> fx.GraphModule:
-    """Remove the layer at ``index``: its input flows straight to its users.
+    """Remove the layer at ``index`` (or every layer of a list): its input flows straight to its users.
 
     If the layer changed the shape (a Linear 128 -> 64), downstream layers are
-    adapted as for :func:`replace`.
+    adapted as for :func:`replace`. Several layers are removed in one pass,
+    all numbered on the original graph: ``remove(gm, layers.find(nn.Dropout))``.
+    A removal that changes the model's output shape warns
+    (:class:`~fxindex.errors.EditWarning`).
+
+    Args:
+        model: an ``nn.Module`` (traced first) or a ``torch.fx.GraphModule``.
+        index: an int in execution order, a qualified name, or a list of them.
+        example_inputs: a tuple of inputs; records shapes first.
+        inplace: edit ``model`` itself (a GraphModule) instead of a copy. Even
+            then a failed call leaves it untouched.
 
     Returns:
-        The rebuilt ``GraphModule``; the call site is gone from its index.
+        The rebuilt ``GraphModule``; the call sites are gone from its index.
 
     Example:
         >>> import torch, fxindex
@@ -345,27 +584,41 @@ def remove(
         >>> [e.target for e in fxindex.index(fxindex.remove(net, 1))]
         ['0', '2']
     """
-    source = _source(model, example_inputs, caller="fxindex.remove")
-    try:
-        layers = LayerIndex(source)
-        position = layers.resolve(index)
-        node = layers.node(position)
-        widths = find_widths(source.get_submodule(str(node.target)))
-        # Without the layer, its users read its input: the same dimension at the input's width.
-        passed = Widths(widths.in_dim, widths.in_size, widths.in_dim, widths.in_size) if widths else None
-        target = Target(node, nn.Identity(), None, _label(layers, position), "remove", widths, passed)
-        planned = build_plan(source, [target])
-    except FxIndexError as error:
-        raise _with_context(error, "fxindex.remove") from error.__cause__
-    graph_module = apply_plan(_edited(source, inplace), planned)
-    record_edit(graph_module, {"op": "remove", "index": position, "target": str(node.target)})
-    return graph_module
+    caller = "fxindex.remove"
+    with _editing():
+        source = _source(model, example_inputs, caller=caller)
+        try:
+            layers = source.index()
+            positions: dict[int, None] = {}
+            for key in _several(index, caller):
+                position = layers.resolve(key)
+                if position in positions:
+                    raise TypeError(f"{caller}: {_label(layers, position)} is selected twice")
+                positions[position] = None
+            targets = []
+            for position in positions:
+                node = layers.node(position)
+                widths = find_widths(source.module.get_submodule(str(node.target)))
+                # Without the layer, its users read its input: the same dimension at the input's width.
+                passed = Widths(widths.in_dim, widths.in_size, widths.in_dim, widths.in_size) if widths else None
+                targets.append(Target(node, nn.Identity(), None, _label(layers, position), "remove", widths, passed))
+            planned = build_plan(source.module, targets, graph=source.graph)
+        except FxIndexError as error:
+            raise _with_context(error, caller) from error.__cause__
+        what = "removing " + ", ".join(_label(layers, position) for position in positions)
+        _warn_if_output_changes(planned, caller, what)
+        # Recorded one removal per layer, the last first: replayed one by one, each index still names its layer.
+        edits = [
+            {"op": "remove", "index": position, "target": str(layers.node(position).target)}
+            for position in sorted(positions, reverse=True)
+        ]
+        return _install(source, planned, inplace, edits)
 
 
 def insert(
     model: nn.Module,
-    index: Selector,
-    new_layer: nn.Module,
+    index: Selector | Mapping[Selector, nn.Module],
+    new_layer: nn.Module | None = None,
     *,
     after: bool = True,
     example_inputs: tuple[Any, ...] | None = None,
@@ -376,6 +629,19 @@ def insert(
     The new layer reads what that layer wrote (or read); if it changes the
     shape, downstream layers are adapted as for :func:`replace`. It is
     registered beside the anchor under a new name (``conv1_inserted``).
+    Several layers are inserted in one pass with a dict ``{index: new_layer}``,
+    all indices numbered on the original graph. An insertion that changes the
+    model's output shape warns (:class:`~fxindex.errors.EditWarning`).
+
+    Args:
+        model: an ``nn.Module`` (traced first) or a ``torch.fx.GraphModule``.
+        index: the anchor layer (int or qualified name), or a dict
+            ``{anchor: new_layer}``.
+        new_layer: the module to insert (omit with a dict).
+        after: insert after the anchor (default) or before it.
+        example_inputs: a tuple of inputs; records shapes first.
+        inplace: edit ``model`` itself (a GraphModule) instead of a copy. Even
+            then a failed call leaves it untouched.
 
     Returns:
         The rebuilt ``GraphModule``.
@@ -387,18 +653,71 @@ def insert(
         >>> [type(e.module).__name__ for e in fxindex.index(rebuilt)]
         ['Linear', 'ReLU', 'Linear']
     """
-    graph_module = _working_copy(model, example_inputs, inplace, caller="fxindex.insert")
-    layers = LayerIndex(graph_module)
-    try:
-        position = layers.resolve(index)
-        label = _label(layers, position)
-        _check_layer(new_layer, label)
-    except FxIndexError as error:
-        raise _with_context(error, "fxindex.insert") from error.__cause__
-    anchor = layers.node(position)
-    graph = graph_module.graph
-    name = _unique_name(graph_module, f"{anchor.target}_inserted", plain_first=True)
-    graph_module.add_submodule(name, nn.Identity())
+    caller = "fxindex.insert"
+    with _editing():
+        source = _source(model, example_inputs, caller=caller)
+        try:
+            layers = source.index()
+            if isinstance(index, Mapping):
+                if new_layer is not None:
+                    raise TypeError(f"{caller}: with a dict of insertions, leave new_layer out (got {_short_type(new_layer)})")
+                if not index:
+                    raise TypeError(f"{caller}: the dict of insertions is empty")
+                choices = list(index.items())
+            else:
+                if new_layer is None:
+                    raise TypeError(f"{caller}: new_layer is missing: pass an nn.Module (or a dict {{index: layer}} as index)")
+                choices = [(index, new_layer)]
+            chosen: dict[int, nn.Module] = {}
+            for key, layer in choices:
+                position = layers.resolve(key)
+                if position in chosen:
+                    raise TypeError(f"{caller}: {_label(layers, position)} is selected twice")
+                chosen[position] = _check_layer(layer, _label(layers, position), source.module)
+            # The caller's graph is never touched while planning: the new nodes go into a copy.
+            staged = source.staged()
+            staged_layers = staged.index()
+            targets = []
+            names: dict[int, str] = {}
+            for position, layer in chosen.items():
+                anchor = staged_layers.node(position)
+                name = _unique_name(source.module, f"{anchor.target}_inserted", plain_first=True, taken=set(names.values()))
+                names[position] = name
+                new_node = _insert_node(staged.graph, anchor, name, after)
+                staged.extra_modules[name] = nn.Identity()
+                anchor_widths = find_widths(source.module.get_submodule(str(anchor.target)))
+                if anchor_widths is not None:
+                    # The placeholder identity passes on what the anchor writes (after) or reads (before).
+                    dim, size = (
+                        (anchor_widths.out_dim, anchor_widths.out_size) if after
+                        else (anchor_widths.in_dim, anchor_widths.in_size)
+                    )
+                    anchor_widths = Widths(dim, size, dim, size)
+                label = f"new layer {name!r} {'after' if after else 'before'} {_label(layers, position)}"
+                targets.append(Target(new_node, layer, None, label, old_widths=anchor_widths))
+            planned = build_plan(
+                source.module, targets, graph=staged.graph, extra_modules=staged.extra_modules
+            )
+        except FxIndexError as error:
+            raise _with_context(error, caller) from error.__cause__
+        what = "inserting " + ", ".join(f"{names[p]!r}" for p in chosen)
+        _warn_if_output_changes(planned, caller, what)
+        # One insertion per anchor, the last first: replayed one by one, each index still names its anchor.
+        edits = [
+            {
+                "op": "insert",
+                "index": position,
+                "target": str(layers.node(position).target),
+                "after": after,
+                "layer": describe_layer(chosen[position]),
+            }
+            for position in sorted(chosen, reverse=True)
+        ]
+        return _install(staged, planned, inplace, edits)
+
+
+def _insert_node(graph: fx.Graph, anchor: fx.Node, name: str, after: bool) -> fx.Node:
+    """Add a ``call_module`` node of ``name`` after (or before) ``anchor``, reading what it wrote (or read)."""
     if after:
         with graph.inserting_after(anchor):
             new_node = graph.call_module(name, (anchor,))
@@ -412,27 +731,4 @@ def insert(
         source_meta = source.meta.get("tensor_meta") if isinstance(source, fx.Node) else None
     if source_meta is not None:
         new_node.meta["tensor_meta"] = source_meta
-    try:
-        label = f"new layer {name!r} {'after' if after else 'before'} {label}"
-        anchor_widths = find_widths(graph_module.get_submodule(str(anchor.target)))
-        if anchor_widths is not None:
-            # The placeholder identity passes on what the anchor writes (after) or reads (before).
-            dim, size = (
-                (anchor_widths.out_dim, anchor_widths.out_size) if after else (anchor_widths.in_dim, anchor_widths.in_size)
-            )
-            anchor_widths = Widths(dim, size, dim, size)
-        planned = build_plan(graph_module, [Target(new_node, new_layer, None, label, old_widths=anchor_widths)])
-    except BaseException as error:
-        # Undo the placeholder identity so an inplace call leaves no trace.
-        new_node.replace_all_uses_with(new_node.args[0])
-        graph.erase_node(new_node)
-        graph_module.delete_submodule(name)
-        if isinstance(error, FxIndexError):
-            raise _with_context(error, "fxindex.insert") from error.__cause__
-        raise
-    apply_plan(graph_module, planned)
-    record_edit(
-        graph_module,
-        {"op": "insert", "index": position, "target": str(anchor.target), "after": after, "layer": describe_layer(new_layer)},
-    )
-    return graph_module
+    return new_node

@@ -27,6 +27,7 @@ __all__ = [
     "TensorMetadata",
     "tensor_meta",
     "record_shapes",
+    "record_shapes_on",
     "make_fake_mode",
     "fake_tensor_like",
     "meta_of",
@@ -70,21 +71,33 @@ def fake_tensor_like(meta: TensorMetadata, mode: FakeTensorMode, device: torch.d
         return tensor
 
 
+class _QuietInThisThread(logging.Filter):
+    """Drops records logged by a thread while it is inside :func:`quiet_fake_errors`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_shared, "quiet", 0)
+
+
+_FAKE_LOGGER = logging.getLogger("torch._subclasses.fake_tensor")
+_FAKE_LOGGER.addFilter(_QuietInThisThread())
+
+
 @contextlib.contextmanager
 def quiet_fake_errors() -> Iterator[None]:
-    """Silence torch's log of failed fake kernels inside the block.
+    """Silence torch's log of failed fake kernels inside the block, in this thread only.
 
     FakeTensorMode logs a full traceback when an op fails on fake tensors,
     before raising; fxindex catches that error and reports it in one line, so
-    the log would only repeat it as noise on stderr.
+    the log would only repeat it as noise on stderr. A filter on the logger,
+    keyed by a thread-local depth, does the silencing: the logger's level is
+    never touched, so concurrent calls cannot leave it changed and other
+    threads' records still get through.
     """
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    _shared.quiet = getattr(_shared, "quiet", 0) + 1
     try:
         yield
     finally:
-        logger.setLevel(level)
+        _shared.quiet -= 1
 
 
 @contextlib.contextmanager
@@ -122,12 +135,20 @@ def meta_of(result: Any) -> Any:
 
 
 class _ShapeRecorder(fx.Interpreter):
-    """An Interpreter that writes each node's ``tensor_meta`` as it runs."""
+    """An Interpreter that writes each node's ``tensor_meta`` as it runs.
 
-    def __init__(self, module: fx.GraphModule, metas: dict[fx.Node, Any]):
-        super().__init__(module, garbage_collect_values=True)
+    Layers are called through ``forward``, not ``__call__``: a shape pass is
+    not a use of the model, so the user's forward hooks (a logger, a hook that
+    calls ``.numpy()``, which fails on fake tensors) do not run.
+    """
+
+    def __init__(self, module: fx.GraphModule, metas: dict[fx.Node, Any], graph: fx.Graph | None = None):
+        super().__init__(module, garbage_collect_values=True, graph=graph)
         self.metas = metas
         self.failed_node: fx.Node | None = None
+
+    def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return self.fetch_attr(target).forward(*args, **kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         try:
@@ -169,8 +190,18 @@ def record_shapes(graph_module: fx.GraphModule, example_inputs: tuple[Any, ...])
         >>> import torch, fxindex
         >>> gm = torch.fx.symbolic_trace(torch.nn.Linear(3, 5))
         >>> fxindex.record_shapes(gm, (torch.randn(7, 3),))
-        >>> [tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes]
-        [(7, 3), (7, 5), (7, 5)]
+        >>> [(n.name, tuple(n.meta["tensor_meta"].shape)) for n in gm.graph.nodes]  # get_attr nodes too
+        [('input_1', (7, 3)), ('weight', (5, 3)), ('bias', (5,)), ('linear', (7, 5)), ('output', (7, 5))]
+    """
+    record_shapes_on(graph_module, graph_module.graph, example_inputs)
+
+
+def record_shapes_on(graph_module: fx.GraphModule, graph: fx.Graph, example_inputs: tuple[Any, ...]) -> None:
+    """:func:`record_shapes` for ``graph``, a copy of ``graph_module``'s graph.
+
+    Planning on a copy is how ``plan`` and ``replace`` record shapes for new
+    example inputs without touching the caller's GraphModule: only the
+    nodes of ``graph`` get new ``meta``.
     """
     if not isinstance(example_inputs, tuple):
         raise TypeError(
@@ -185,11 +216,11 @@ def record_shapes(graph_module: fx.GraphModule, example_inputs: tuple[Any, ...])
                 mode.from_tensor(value) if isinstance(value, torch.Tensor) else value for value in example_inputs
             )
             with mode, quiet_fake_errors():
-                _ShapeRecorder(graph_module, metas).run(*fake_inputs)
+                _ShapeRecorder(graph_module, metas, graph).run(*fake_inputs)
         except Exception:
             # Data-dependent ops (.item(), nonzero) have no fake kernel: fall back to one real run.
             metas.clear()
-            recorder = _ShapeRecorder(graph_module, metas)
+            recorder = _ShapeRecorder(graph_module, metas, graph)
             try:
                 # fork_rng: dropout in train mode must not advance the caller's random stream.
                 with torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -203,7 +234,7 @@ def record_shapes(graph_module: fx.GraphModule, example_inputs: tuple[Any, ...])
                     f"example_inputs {_describe_inputs(example_inputs)} do not fit the model: "
                     f"{where} failed with {type(error).__name__}: {reason}"
                 ) from error
-    for node in graph_module.graph.nodes:
+    for node in graph.nodes:
         if node in metas:
             node.meta["tensor_meta"] = metas[node]
         else:

@@ -1,7 +1,8 @@
 """Parsing layer specs such as ``4=Conv2d(64, 96, 3, padding=1)`` safely.
 
 A spec is read with Python's ``ast``: the only call allowed is a class of
-``torch.nn`` by its bare name, and every argument must be a literal (numbers,
+``torch.nn`` by its bare name (the classes :func:`fxindex.layer_classes.layer_class`
+allows, the same rule recipes follow), and every argument must be a literal (numbers,
 strings, booleans, None, tuples and lists of them). Nothing is evaluated:
 ``__import__('os').system('x')``, attribute chains, lambdas and names outside
 torch.nn are refused with a message saying what is accepted.
@@ -15,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from fxindex.errors import FxIndexError
+from fxindex.layer_classes import LayerClassError, layer_class
 
 __all__ = ["SpecError", "parse_layer", "parse_replacement"]
 
@@ -53,15 +55,18 @@ def parse_layer(text: str) -> nn.Module:
     """
     try:
         tree = ast.parse(text.strip(), mode="eval")
-    except SyntaxError:
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        # ValueError: an int literal over Python's digit limit; RecursionError/MemoryError: absurd nesting.
         raise SpecError(f"{text!r} is not a layer spec; {_EXAMPLE}") from None
     call = tree.body
     if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name):
         raise SpecError(f"{text!r}: expected a torch.nn class name called with literal arguments; {_EXAMPLE}")
     name = call.func.id
-    cls = getattr(nn, name, None)
-    if name.startswith("_") or name == "Module" or not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise SpecError(f"{text!r}: {name!r} is not a torch.nn layer class; {_EXAMPLE}")
+    try:
+        # The rule recipes follow too (fxindex.layer_classes): one list of what may be built from text.
+        cls = layer_class(name)
+    except LayerClassError as error:
+        raise SpecError(f"{text!r}: {error}; {_EXAMPLE}") from None
     if any(isinstance(arg, ast.Starred) for arg in call.args) or any(kw.arg is None for kw in call.keywords):
         raise SpecError(f"{text!r}: *args and **kwargs are not accepted; {_EXAMPLE}")
     args = [_literal(arg, text) for arg in call.args]
@@ -72,11 +77,27 @@ def parse_layer(text: str) -> nn.Module:
         raise SpecError(f"{text!r}: {name} refused these arguments: {type(error).__name__}: {error}") from None
 
 
+# An index longer than this is refused before int(): no model has 10**18 layers.
+MAX_INDEX_DIGITS = 18
+
+
 def parse_replacement(text: str) -> tuple[int | str, nn.Module]:
     """Split ``"4=Conv2d(64, 96, 3)"`` into the layer index (or qualified name) and the new layer.
 
+    An index is ASCII digits with an optional leading ``-`` (at most
+    :data:`MAX_INDEX_DIGITS` of them); a qualified name is dot-separated
+    identifiers or ASCII digit runs (``layer1.0.conv1``). Other digits
+    (``²``, ``٣``) are neither: ``str.isdigit`` accepts them but ``int`` does not.
+
+    Args:
+        text: ``INDEX=LAYER``, e.g. ``"4=Conv2d(64, 96, 3)"`` or ``"fc=Linear(512, 10)"``.
+
+    Returns:
+        The index (an int) or qualified name (a str), and the new layer.
+
     Raises:
-        SpecError: no ``=``, an empty index, or a bad layer spec.
+        SpecError: no ``=``, an empty, malformed or absurdly long index, or a
+            bad layer spec.
 
     Example:
         >>> from fxindex.spec import parse_replacement
@@ -87,7 +108,15 @@ def parse_replacement(text: str) -> tuple[int | str, nn.Module]:
     where = where.strip()
     if not separator or not where:
         raise SpecError(f"{text!r}: expected INDEX=LAYER; {_EXAMPLE}")
-    key: int | str = int(where) if where.lstrip("-").isdigit() else where
-    if isinstance(key, str) and not all(part.isidentifier() or part.isdigit() for part in key.split(".")):
+    digits = where[1:] if where.startswith("-") else where
+    if digits.isdecimal() and digits.isascii():
+        # Checked before int(): past 4300 digits int() raises ValueError instead of returning.
+        if len(digits) > MAX_INDEX_DIGITS:
+            raise SpecError(
+                f"layer index '{where[:20]}...' has {len(digits)} digits (at most {MAX_INDEX_DIGITS}); "
+                "no model has that many layers"
+            )
+        return int(where), parse_layer(layer)
+    if not all(part.isidentifier() or (part.isdecimal() and part.isascii()) for part in where.split(".")):
         raise SpecError(f"{text!r}: {where!r} is neither a layer index nor a qualified name; {_EXAMPLE}")
-    return key, parse_layer(layer)
+    return where, parse_layer(layer)

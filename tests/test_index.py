@@ -453,8 +453,8 @@ def test_unknown_name_without_close_matches(seed_index):
     assert "'zzzzzz'" in str(info.value)
 
 
-@pytest.mark.parametrize("key", [1.5, None, True, False, (0,), [0], torch.tensor(0)],
-                         ids=["float", "none", "true", "false", "tuple", "list", "tensor"])
+@pytest.mark.parametrize("key", [1.5, None, True, False, (0,), [0], torch.tensor(0.0)],
+                         ids=["float", "none", "true", "false", "tuple", "list", "float-tensor"])
 def test_wrong_key_type(seed_index, key):
     snapshot = _snapshot(seed_index)
     with pytest.raises(TypeError, match="int index or a qualified name"):

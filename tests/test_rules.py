@@ -718,7 +718,13 @@ def test_change_passing_through_to_the_output_is_reported() -> None:
     model, inputs = chain(nn.Linear(5, 6), nn.ReLU(), shape=VEC)()
     steps = fxindex.plan(model, 0, nn.Linear(5, 9), example_inputs=inputs)
     assert len(steps.output_changes) == 1 and "6 -> 9" in steps.output_changes[0]
-    assert steps.preserves_function
+    assert not steps.preserves_function  # a fresh Linear's outputs are not the old one's
+    widened = nn.Linear(5, 9)
+    with torch.no_grad():
+        widened.weight[:6] = model.get_submodule("parts.0").weight
+        widened.bias[:6] = model.get_submodule("parts.0").bias
+    steps = fxindex.plan(model, 0, widened, example_inputs=inputs)
+    assert len(steps.output_changes) == 1 and steps.preserves_function, steps.table()
 
 
 def test_unchanged_output_has_no_output_changes() -> None:
