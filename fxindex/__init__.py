@@ -28,13 +28,16 @@ from fxindex.errors import (
     EditError,
     EditWarning,
 )
+from fxindex.group import ChannelGroup, GroupMember, group, groups
 from fxindex.index import LayerEntry, LayerIndex, LayerRef, index
 from fxindex.io import load, save
 from fxindex.plan import Plan, PlannedEdit
 from fxindex.replace import insert, plan, remove, replace
 from fxindex.rules import register_rule
 from fxindex.recipe import recipe
+from fxindex.resize import plan_resize, resize
 from fxindex.shapes import record_shapes
+from fxindex.spaces import register_space_rule
 from fxindex.speed import is_sped_up, speed_up
 from fxindex.table import table
 from fxindex.trace import trace
@@ -44,9 +47,11 @@ __version__ = "0.1.0"
 __all__ = [
     "BenchReport",
     "BenchRow",
+    "ChannelGroup",
     "EditError",
     "EditWarning",
     "FxIndexError",
+    "GroupMember",
     "LayerEntry",
     "LayerIndex",
     "LayerIndexError",
@@ -61,16 +66,21 @@ __all__ = [
     "TraceError",
     "bench",
     "examples",
+    "group",
+    "groups",
     "index",
     "insert",
     "is_sped_up",
     "load",
     "plan",
+    "plan_resize",
     "recipe",
     "record_shapes",
     "register_rule",
+    "register_space_rule",
     "remove",
     "replace",
+    "resize",
     "save",
     "speed_up",
     "table",

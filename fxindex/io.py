@@ -108,7 +108,7 @@ WEIGHTS_FILE = "weights.pt"
 
 PathLike = str | os.PathLike[str]
 
-_OPS = ("replace", "remove", "insert")
+_OPS = ("replace", "remove", "insert", "resize")
 
 # Bounds on what a recipe may ask for, so that a small hostile file cannot cost much memory or time.
 # A real recipe is far below each (a few KB per edit, a fingerprint line per state-dict key).
@@ -389,6 +389,18 @@ def _check_edit(number: int, edit: Any) -> None:
         _check_keep(_require(edit, "keep", dict, where), indices, where)
         _require(edit, "all_sites", bool, where)
         _require(edit, "propagate", bool, where)
+        if not isinstance(edit.get("couple", True), bool):
+            raise RecipeError(f"{where}: 'couple' must be true or false, got {_short(edit['couple'])}")
+    elif op == "resize":
+        index = _require(edit, "index", int, where)
+        _check_index(index, where)
+        _require(edit, "target", str, where)
+        width = _require(edit, "width", int, where)
+        if isinstance(width, bool) or width <= 0:
+            raise RecipeError(f"{where}: 'width' must be a positive int, got {_short(width)}")
+        keep = edit.get("keep")
+        if keep is not None:
+            _check_keep({str(index): keep}, {index}, where)
     else:
         _check_index(_require(edit, "index", int, where), where)
         _require(edit, "target", str, where)
@@ -841,7 +853,15 @@ def _replay(graph_module: fx.GraphModule, number: int, edit: dict[str, Any], run
             _check_site(graph_module, layer["index"], layer["target"], label, layer.get("replaced"))
         choices = {layer["index"]: run.build(layer["layer"], graph_module, layer["target"], label) for layer in edit["layers"]}
         keep: dict[int | str, list[int]] = {int(position): list(slots) for position, slots in edit["keep"].items()}
-        replace(graph_module, choices, keep=keep or None, propagate=edit["propagate"], all_sites=edit["all_sites"], inplace=True)
+        replace(
+            graph_module, choices, keep=keep or None, propagate=edit["propagate"], all_sites=edit["all_sites"],
+            couple=edit.get("couple", True), inplace=True,
+        )
+    elif op == "resize":
+        from fxindex.resize import resize
+
+        _check_site(graph_module, edit["index"], edit["target"], label)
+        resize(graph_module, edit["index"], edit["width"], keep=edit["keep"], inplace=True)
     elif op == "remove":
         _check_site(graph_module, edit["index"], edit["target"], label)
         remove(graph_module, edit["index"], inplace=True)

@@ -54,12 +54,19 @@ class Plan:
             the edit is function-preserving.
         output_changes: how each changed graph output changes shape.
         new_metas: the recorded shapes of changed nodes after the edit.
+        tensors: new values of parameters and buffers read through
+            ``get_attr`` (a layer-scale ``gamma``, a ``cls_token``), by
+            qualified name: a coupled group resizes them.
+        group: the producers of the channel group the edit resized as a
+            whole (empty when the change travelled forward alone).
     """
 
     edits: list[PlannedEdit]
     breaks_function: list[tuple[str, str]] = field(default_factory=list)
     output_changes: list[str] = field(default_factory=list)
     new_metas: dict[str, Any] = field(default_factory=dict, repr=False)
+    tensors: dict[str, Any] = field(default_factory=dict, repr=False)
+    group: tuple[str, ...] = ()
 
     @property
     def preserves_function(self) -> bool:
@@ -87,6 +94,8 @@ class Plan:
         options: dict[str, Any] = {"headers": ("node", "target", "action", "old", "new", "weights", "output")}
         options.update(tabulate_kwargs)
         lines = [tabulate(rows, **options)]
+        if self.group:
+            lines.append(f"coupled group resized as a whole: producers {', '.join(self.group)}")
         if self.preserves_function:
             lines.append("function-preserving: yes (old channels keep their values)")
         else:

@@ -31,9 +31,10 @@ from fxindex.shapes import (
     meta_of,
     preserving_buffers,
     quiet_fake_errors,
+    shapes_recorded,
 )
 
-__all__ = ["build_plan", "Target"]
+__all__ = ["build_plan", "planner_for", "Target"]
 
 
 class Target:
@@ -124,7 +125,8 @@ class _Planner:
         self.modules = dict(graph_module.named_modules())
         self.modules.update(extra_modules or {})
         placeholders = [node for node in self.graph.nodes if node.op == "placeholder"]
-        self.has_shapes = bool(placeholders) and all("tensor_meta" in node.meta for node in placeholders)
+        # An optional argument left out of the example inputs has no tensor_meta, yet shapes are known.
+        self.has_shapes = bool(placeholders) and shapes_recorded(self.graph)
         self.mode = make_fake_mode() if self.has_shapes else None
         # TensorMetadata has no device: activations live where the weights do.
         first = next(iter(graph_module.parameters()), None)
@@ -544,3 +546,8 @@ def build_plan(
         The :class:`Plan`.
     """
     return _Planner(graph_module, targets, propagate, graph, extra_modules).build()
+
+
+def planner_for(graph_module: fx.GraphModule, targets: list[Target], graph: fx.Graph | None = None) -> "_Planner":
+    """A planner whose steps are run one by one (the coupled replace visits only its target)."""
+    return _Planner(graph_module, targets, True, graph)

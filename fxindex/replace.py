@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from fxindex.errors import EditError, EditWarning, FxIndexError
+from fxindex.couple import plan_coupled
+from fxindex.errors import EditError, EditWarning, FxIndexError, PropagationError
 from fxindex.index import LayerIndex, as_graph_module
 from fxindex.plan import Plan
 from fxindex.propagate import Target, build_plan
@@ -271,6 +272,8 @@ class _ModuleTreeLog:
         self.root = root
         # Each touched parent's ``_modules`` as it was, in order (state-dict order follows it).
         self.saved: dict[int, tuple[nn.Module, list[tuple[str, Any]]]] = {}
+        # (owner, table, name, previous value) of every tensor attribute set.
+        self.tensors: list[tuple[nn.Module, str, str, Any]] = []
 
     def _parent(self, target: str) -> tuple[nn.Module, str]:
         parent_name, _, atom = target.rpartition(".")
@@ -286,12 +289,37 @@ class _ModuleTreeLog:
         parent, atom = self._parent(target)
         parent._modules.pop(atom, None)
 
+    def set_tensor(self, target: str, value: torch.Tensor) -> None:
+        """Set a parameter, buffer or plain tensor attribute (read by ``get_attr``) to a new value."""
+        owner_name, _, atom = target.rpartition(".")
+        owner = self.root.get_submodule(owner_name)
+        for store in ("_parameters", "_buffers"):
+            table = getattr(owner, store)
+            self.tensors.append((owner, store, atom, table.get(atom, _MISSING)))
+        self.tensors.append((owner, "__dict__", atom, owner.__dict__.get(atom, _MISSING)))
+        old = getattr(owner, atom, None)
+        with torch.no_grad():
+            fresh = value.detach().clone()
+            if isinstance(old, nn.Parameter):
+                owner._parameters[atom] = nn.Parameter(fresh, requires_grad=old.requires_grad)
+            elif atom in owner._buffers:
+                owner._buffers[atom] = fresh
+            else:
+                owner.__dict__[atom] = fresh
+
     def rollback(self) -> None:
         # The same dict objects, refilled: the fast-lookup cache keys on their identity.
         for parent, items in self.saved.values():
             parent._modules.clear()
             parent._modules.update(items)
         self.saved.clear()
+        for owner, store, atom, previous in reversed(self.tensors):
+            table = owner.__dict__ if store == "__dict__" else getattr(owner, store)
+            if previous is _MISSING:
+                table.pop(atom, None)
+            else:
+                table[atom] = previous
+        self.tensors.clear()
 
 
 def apply_plan(graph_module: fx.GraphModule, plan: Plan, graph: fx.Graph | None = None) -> fx.GraphModule:
@@ -374,6 +402,8 @@ def apply_plan(graph_module: fx.GraphModule, plan: Plan, graph: fx.Graph | None 
         for target in dict.fromkeys(removed):
             if target not in still_called:
                 log.delete(target)
+        for target, value in plan.tensors.items():
+            log.set_tensor(target, value)
         # Not the ``graph`` setter, which recompiles: speed_up recompiles once (and gives a
         # GraphModule traced elsewhere eager-speed code).
         graph_module._graph = new_graph
@@ -402,13 +432,21 @@ def _plan_edit(
     keep: Sequence[int] | Mapping[Selector, Sequence[int]] | None,
     propagate: bool,
     all_sites: bool,
+    couple: bool = True,
 ) -> tuple[_Source, Plan, dict[str, Any]]:
     """Trace if needed, select the sites and plan: what plan() returns and replace() applies."""
     with _editing():
         source = _source(model, example_inputs, caller=caller)
         try:
             targets, edit = _select(source.index(), index, new_layer, keep, all_sites, caller)
-            planned = build_plan(source.module, targets, propagate=propagate, graph=source.graph)
+            try:
+                planned = build_plan(source.module, targets, propagate=propagate, graph=source.graph)
+            except PropagationError as refusal:
+                # A change that stops at a join: resize the layer's whole channel group instead.
+                if not (couple and propagate and len(targets) == 1 and targets[0].action == "replace"):
+                    raise
+                planned = plan_coupled(source.module, source.graph, targets[0], refusal)
+                edit = {**edit, "couple": True}
         except FxIndexError as error:
             raise _with_context(error, caller) from error.__cause__
         return source, planned, edit
@@ -446,6 +484,7 @@ def plan(
     keep: Sequence[int] | Mapping[Selector, Sequence[int]] | None = None,
     propagate: bool = True,
     all_sites: bool = False,
+    couple: bool = True,
 ) -> Plan:
     """Compute what :func:`replace` would do, without doing it.
 
@@ -463,7 +502,9 @@ def plan(
         >>> [edit.action for edit in steps.edits]
         ['replace', 'rewrite', 'rebuild']
     """
-    _, planned, _ = _plan_edit("fxindex.plan", model, index, new_layer, example_inputs, keep, propagate, all_sites)
+    _, planned, _ = _plan_edit(
+        "fxindex.plan", model, index, new_layer, example_inputs, keep, propagate, all_sites, couple
+    )
     return planned
 
 
@@ -477,6 +518,7 @@ def replace(
     propagate: bool = True,
     inplace: bool = False,
     all_sites: bool = False,
+    couple: bool = True,
 ) -> fx.GraphModule:
     """Replace the layer at an execution-order index and adapt the graph downstream.
 
@@ -504,6 +546,12 @@ def replace(
             then a failed call leaves it untouched.
         all_sites: replace every call site of a module called several times
             (default: only the selected one, under a new unique name).
+        couple: when the change meets a join (a residual ``add``, a gating
+            ``mul``) whose other side keeps its width, resize the layer's
+            whole channel group (every producer writing into the stream, its
+            carriers and consumers; see :func:`fxindex.group`) instead of
+            refusing (default). ``False`` keeps the refusal, for callers who
+            want only the one layer changed. Needs recorded shapes.
 
     Returns:
         The rebuilt ``GraphModule``, linted and recompiled. Unless ``inplace``,
@@ -528,7 +576,7 @@ def replace(
         torch.Size([2, 8])
     """
     source, planned, edit = _plan_edit(
-        "fxindex.replace", model, index, new_layer, example_inputs, keep, propagate, all_sites
+        "fxindex.replace", model, index, new_layer, example_inputs, keep, propagate, all_sites, couple
     )
     return _install(source, planned, inplace, [{**edit, "propagate": propagate}])
 

@@ -33,7 +33,14 @@ __all__ = [
     "meta_of",
     "preserving_buffers",
     "quiet_fake_errors",
+    "NOT_GIVEN_KEY",
+    "shapes_recorded",
 ]
+
+# ``node.meta[NOT_GIVEN_KEY] = True`` on a placeholder whose argument the example inputs
+# left out: the recorded run saw its default (``None``, ``False``...), not a tensor, so
+# its missing ``tensor_meta`` does not mean "shapes unknown".
+NOT_GIVEN_KEY = "fxindex_not_given"
 
 
 def tensor_meta(node: fx.Node) -> TensorMetadata | None:
@@ -43,6 +50,26 @@ def tensor_meta(node: fx.Node) -> TensorMetadata | None:
     """
     meta = node.meta.get("tensor_meta")
     return meta if isinstance(meta, TensorMetadata) else None
+
+
+def shapes_recorded(graph: fx.Graph) -> bool:
+    """Whether every placeholder of ``graph`` has its shape recorded or was not given.
+
+    A placeholder has its shape when it carries ``tensor_meta``; one marked
+    with :data:`NOT_GIVEN_KEY` is an optional argument of ``forward`` that the
+    example inputs left out, known not to be a tensor, so it needs none. A
+    graph without placeholders passes (callers decide what that means).
+
+    Args:
+        graph: a traced graph.
+
+    Returns:
+        True when no placeholder lacks a recorded shape it would need.
+    """
+    return all(
+        "tensor_meta" in node.meta or bool(node.meta.get(NOT_GIVEN_KEY))
+        for node in graph.find_nodes(op="placeholder")
+    )
 
 
 def make_fake_mode() -> FakeTensorMode:
@@ -100,23 +127,30 @@ def quiet_fake_errors() -> Iterator[None]:
         _shared.quiet -= 1
 
 
+# One lock for every block that may bump real buffers: two threads planning on one model
+# must not save each other's bumped values and restore them as the "original".
+_BUFFER_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def preserving_buffers(module: nn.Module) -> Iterator[None]:
     """Undo any in-place update of ``module``'s buffers made inside the block.
 
     A shape pass must not count as a training step: BatchNorm in training mode
     bumps ``num_batches_tracked`` even under fake tensors. Buffers are small, so
-    a copy is cheap.
+    a copy is cheap. Blocks are serialised across threads (a re-entrant lock),
+    so concurrent edits of one model each restore the true original values.
     """
-    saved = [(buffer, buffer.detach().clone()) for buffer in module.buffers()]
-    try:
-        yield
-    finally:
-        # Written back unconditionally: BatchNorm's native kernel updates running
-        # statistics without bumping the tensor's version counter.
-        with torch.no_grad():
-            for buffer, copy in saved:
-                buffer.copy_(copy)
+    with _BUFFER_LOCK:
+        saved = [(buffer, buffer.detach().clone()) for buffer in module.buffers()]
+        try:
+            yield
+        finally:
+            # Written back unconditionally: BatchNorm's native kernel updates running
+            # statistics without bumping the tensor's version counter.
+            with torch.no_grad():
+                for buffer, copy in saved:
+                    buffer.copy_(copy)
 
 
 def meta_of(result: Any) -> Any:
@@ -134,6 +168,9 @@ def meta_of(result: Any) -> Any:
     return meta if found else None
 
 
+_MISSING = object()
+
+
 class _ShapeRecorder(fx.Interpreter):
     """An Interpreter that writes each node's ``tensor_meta`` as it runs.
 
@@ -146,11 +183,32 @@ class _ShapeRecorder(fx.Interpreter):
         super().__init__(module, garbage_collect_values=True, graph=graph)
         self.metas = metas
         self.failed_node: fx.Node | None = None
+        # Placeholders that got no example input and ran on their default.
+        self.not_given: set[fx.Node] = set()
+        self._running: fx.Node | None = None
 
     def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return self.fetch_attr(target).forward(*args, **kwargs)
 
+    def placeholder(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The next example input, or the default of an optional argument that was left out."""
+        node = self._running
+        if str(target).startswith("*"):
+            rest = list(self.args_iter)
+            if not rest and node is not None:
+                self.not_given.add(node)  # *args given nothing
+            return rest
+        value = next(self.args_iter, _MISSING)
+        if value is not _MISSING:
+            return value
+        if not args:
+            raise RuntimeError(f"no example input for the required argument {target!r} of forward")
+        if node is not None:
+            self.not_given.add(node)
+        return args[0]
+
     def run_node(self, n: fx.Node) -> Any:
+        self._running = n
         try:
             result = super().run_node(n)
         except Exception:
@@ -209,14 +267,17 @@ def record_shapes_on(graph_module: fx.GraphModule, graph: fx.Graph, example_inpu
             "write (x,) for a single input"
         )
     metas: dict[fx.Node, Any] = {}
+    not_given: set[fx.Node] = set()
     with preserving_buffers(graph_module):
         try:
             mode = make_fake_mode()
             fake_inputs = tuple(
                 mode.from_tensor(value) if isinstance(value, torch.Tensor) else value for value in example_inputs
             )
+            recorder = _ShapeRecorder(graph_module, metas, graph)
             with mode, quiet_fake_errors():
-                _ShapeRecorder(graph_module, metas, graph).run(*fake_inputs)
+                recorder.run(*fake_inputs)
+            not_given = recorder.not_given
         except Exception:
             # Data-dependent ops (.item(), nonzero) have no fake kernel: fall back to one real run.
             metas.clear()
@@ -225,6 +286,7 @@ def record_shapes_on(graph_module: fx.GraphModule, graph: fx.Graph, example_inpu
                 # fork_rng: dropout in train mode must not advance the caller's random stream.
                 with torch.no_grad(), torch.random.fork_rng(devices=[]):
                     recorder.run(*example_inputs)
+                not_given = recorder.not_given
             except Exception as error:
                 node = recorder.failed_node
                 where = f"node '{node.name}' ({node.format_node()})" if node is not None else "the model"
@@ -239,3 +301,8 @@ def record_shapes_on(graph_module: fx.GraphModule, graph: fx.Graph, example_inpu
             node.meta["tensor_meta"] = metas[node]
         else:
             node.meta.pop("tensor_meta", None)
+        if node in not_given:
+            node.meta[NOT_GIVEN_KEY] = True
+        else:
+            # Recorded again with that argument given: it is an input like the others now.
+            node.meta.pop(NOT_GIVEN_KEY, None)

@@ -458,3 +458,28 @@ def test_a_new_layer_that_contains_the_model_is_refused() -> None:
         with pytest.raises(fxindex.EditError, match=r"layer 0 \('fc1'\): the new layer contains the model itself"):
             fxindex.replace(gm, 0, new, inplace=True)
         assert_frozen(gm, before)
+
+
+def test_concurrent_plans_on_one_train_mode_model_leave_its_statistics_alone() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3)).train()
+    inputs = (torch.randn(2, 3, 8, 8),)
+    gm = fxindex.trace(model, example_inputs=inputs)
+    before = frozen(gm)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for width in (7, 9, 11):
+                fxindex.plan(gm, 0, nn.Conv2d(3, width, 3), example_inputs=inputs)
+        except BaseException as error:  # reported below: a thread's exception is otherwise lost
+            errors.append(error)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert errors == []
+    assert_frozen(gm, before)
+    assert int(gm.get_submodule("1").num_batches_tracked) == 0

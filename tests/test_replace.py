@@ -604,7 +604,11 @@ def test_batch_widens_both_branches_of_a_join_where_one_alone_raises() -> None:
     inputs = (torch.randn(2, 3, 6, 6),)
     expected = _eval(model, *inputs)
     with pytest.raises(fxindex.PropagationError, match="'add'"):
-        fxindex.replace(model, 1, resized(model.a, 6), example_inputs=inputs)
+        fxindex.replace(model, 1, resized(model.a, 6), example_inputs=inputs, couple=False)
+    # coupled (the default), one alone widens both: b gets zero new filters
+    gm = fxindex.replace(model, 1, resized(model.a, 6), example_inputs=inputs)
+    assert gm.b.out_channels == 6 and gm.head.in_channels == 6
+    assert_rebuilt_ok(gm, inputs, expected)
     new_a, new_b = resized(model.a, 6), resized(model.b, 6)
     gm = fxindex.replace(model, {1: new_a, 2: new_b}, example_inputs=inputs)
     assert gm.a is new_a and gm.b is new_b and gm.head.in_channels == 6
@@ -619,7 +623,11 @@ def test_batch_identity_residual_stem_and_branch_together() -> None:
     model = Residual(identity=True).eval()
     inputs = (torch.randn(2, 3, 6, 6),)
     with pytest.raises(fxindex.PropagationError, match="'add'"):
-        fxindex.replace(model, 0, resized(model.stem, 6), example_inputs=inputs)
+        fxindex.replace(model, 0, resized(model.stem, 6), example_inputs=inputs, couple=False)
+    # coupled: the branch reads and writes the stream, so it is rebuilt on both sides
+    gm = fxindex.replace(model, 0, resized(model.stem, 6), example_inputs=inputs)
+    assert (gm.a.in_channels, gm.a.out_channels, gm.head.in_channels) == (6, 6, 6)
+    assert_rebuilt_ok(gm, inputs, _eval(model, *inputs))
     new_a = nn.Conv2d(6, 6, 3, padding=1)
     with torch.no_grad():  # the same function on the old channels, nothing from the new ones
         new_a.weight.zero_()
@@ -746,7 +754,7 @@ def test_plan_raises_the_errors_replace_would() -> None:
     model = Residual().eval()
     inputs = (torch.randn(2, 3, 6, 6),)
     with pytest.raises(fxindex.PropagationError, match=r"^fxindex\.plan: .*'add'"):
-        fxindex.plan(model, 1, nn.Conv2d(4, 6, 3, padding=1), example_inputs=inputs)
+        fxindex.plan(model, 1, nn.Conv2d(4, 6, 3, padding=1), example_inputs=inputs, couple=False)
     with pytest.raises(IndexError, match="0..3"):
         fxindex.plan(model, 4, nn.ReLU())
 
@@ -953,7 +961,7 @@ def test_impossible_propagation_raises_and_modifies_nothing(inplace: bool) -> No
     gm = fxindex.trace(Residual().eval(), example_inputs=(torch.randn(2, 3, 6, 6),))
     snap = snapshot(gm)
     with pytest.raises(fxindex.PropagationError, match=r"'add'.*'a' 2x4x6x6 -> 2x6x6x6, 'b' 2x4x6x6 \(unchanged\)") as info:
-        fxindex.replace(gm, 1, nn.Conv2d(4, 6, 3, padding=1), inplace=inplace)
+        fxindex.replace(gm, 1, nn.Conv2d(4, 6, 3, padding=1), inplace=inplace, couple=False)
     assert info.value.node_name == "add"
     assert_unchanged(gm, snap)
 

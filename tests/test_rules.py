@@ -587,7 +587,7 @@ def test_elementwise_join_with_one_branch_changed_raises(op: Callable, node_name
     inputs = (torch.randn(*IMG),)
     snap = snapshot(model)
     with pytest.raises(fxindex.PropagationError) as info:
-        fxindex.replace(model, 0, resized(model.a, 6), example_inputs=inputs)
+        fxindex.replace(model, 0, resized(model.a, 6), example_inputs=inputs, couple=False)
     message = str(info.value)
     assert info.value.node_name == node_name
     assert f"'{node_name}'" in message
@@ -595,6 +595,14 @@ def test_elementwise_join_with_one_branch_changed_raises(op: Callable, node_name
     assert "'a'" in message and "'b'" in message
     assert "2x4x6x6 -> 2x6x6x6" in message
     assert "2x4x6x6 (unchanged)" in message
+    assert_unchanged(model, snap)
+    # coupled (the default): the other branch is widened with it, new filters zero, same function
+    expected = model(*inputs)
+    steps = fxindex.plan(model, 0, resized(model.a, 6), example_inputs=inputs)
+    assert steps.group == ("a", "b") and steps.preserves_function, steps.table()
+    gm = fxindex.replace(model, 0, resized(model.a, 6), example_inputs=inputs)
+    assert gm.b.out_channels == 6 and gm.head.in_channels == 6
+    assert_rebuilt_ok(gm, inputs, expected)
     assert_unchanged(model, snap)
 
 

@@ -1,0 +1,429 @@
+"""Resize a layer's output channels and its whole coupled group in one edit.
+
+``fxindex.resize(gm, "layer1.0.conv1", keep=top_k)`` is what pruning code
+calls: the group of the layer's output channels (see :mod:`fxindex.group`) is
+resized with one slot mapping. Every producer of the group is rebuilt with
+it, every carrier and parameter is sliced or padded the same way, every
+consumer reads the new slots, and shape constants downstream (a hard-coded
+``view``, a slice bound, ``split`` sizes) are rewritten.
+
+The steps are those of :func:`fxindex.replace`: compute the channel spaces
+(cached per graph), plan every node's rebuild without touching the model,
+then install the plan into a deep copy (or the model itself with
+``inplace=True``) with :func:`fxindex.replace.apply_plan`. The rebuilt copy is
+shape-checked on fake tensors before it is returned; with ``inplace=True``
+the check runs on a copy first, so a failed call never modifies the model.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import copy
+
+import torch
+from torch import fx, nn
+
+from fxindex.errors import EditError, FxIndexError, PropagationError, ShapeMismatchError
+from fxindex.group import group_of_node, prepare
+from fxindex.index import LayerIndex
+from fxindex.plan import Plan, PlannedEdit
+from fxindex.recipe import record_edit, restore_meta
+from fxindex.replace import apply_plan
+from fxindex.shapes import TensorMetadata, record_shapes
+from fxindex.spaces import (
+    NodeEdit,
+    RebuildRequest,
+    SlotMapping,
+    SpaceAnalysis,
+    analyze,
+    default_mapping,
+    describe_node,
+    equal_blocks_of,
+    solve,
+    widths_that_work,
+)
+
+__all__ = ["resize", "plan_resize"]
+
+_CALLER = "fxindex.resize"
+
+
+def _check_width(width: Any, label: str) -> None:
+    if width is None:
+        return
+    if isinstance(width, bool) or not isinstance(width, int) or width <= 0:
+        raise EditError(f"{label}: width must be a positive int, got {width!r}")
+
+
+def _start_mapping(old: int, width: int | None, keep: Sequence[int] | None, blocks: int, label: str) -> SlotMapping:
+    """The new slot -> old slot mapping of the group's channels, from ``width`` and ``keep``."""
+    if keep is None:
+        if width is None:
+            raise EditError(f"{label}: give the new width, keep= (the old channels to keep, in order), or both")
+        if blocks > 1 and (old % blocks or width % blocks):
+            raise EditError(
+                f"{label}: the channels are split into {blocks} equal blocks (a grouped convolution, GroupNorm or "
+                f"chunk): the width {width} would not divide into them; use {widths_that_work(old, blocks)}"
+            )
+        return default_mapping(old, width, blocks)
+    if isinstance(keep, (str, bytes)) or not isinstance(keep, Sequence):
+        raise EditError(f"{label}: keep= must be a sequence of channel indices, got {type(keep).__name__}")
+    keep = list(keep)
+    if not all(isinstance(slot, int) and not isinstance(slot, bool) for slot in keep):
+        raise EditError(f"{label}: keep= must hold int channel indices, got {keep!r}")
+    if not keep:
+        raise EditError(f"{label}: keep= is empty: a layer needs at least one channel")
+    bad = [slot for slot in keep if not 0 <= slot < old]
+    if bad:
+        raise EditError(f"{label}: keep= indices {bad} are out of range: the layer has {old} channels (0..{old - 1})")
+    if len(set(keep)) != len(keep):
+        duplicates = sorted({slot for slot in keep if keep.count(slot) > 1})
+        raise EditError(f"{label}: keep= repeats indices {duplicates}: each old channel can be kept once")
+    width = len(keep) if width is None else width
+    if width < len(keep):
+        raise EditError(f"{label}: keep= names {len(keep)} channels but width is {width}")
+    if blocks > 1 and width % blocks:
+        raise EditError(
+            f"{label}: the channels are split into {blocks} equal blocks: the width {width} would not divide into "
+            f"them; use {widths_that_work(old, blocks)}, with the same number of kept channels in each block"
+        )
+    if blocks > 1 and width > len(keep):
+        # Spread the new slots over the blocks: each block ends with its share.
+        per_block = len(keep) // blocks
+        if len(keep) % blocks:
+            raise EditError(
+                f"{label}: keep= names {len(keep)} channels, which does not split into {blocks} equal blocks"
+            )
+        extra = (width - len(keep)) // blocks
+        return tuple(
+            slot for b in range(blocks) for slot in (*keep[b * per_block : (b + 1) * per_block], *([None] * extra))
+        )
+    return tuple(keep) + (None,) * (width - len(keep))
+
+
+def _short(module: nn.Module | None) -> str:
+    text = repr(module)
+    return text if "\n" not in text else f"{type(module).__name__}(...)"
+
+
+def _fetch(graph_module: fx.GraphModule, target: str) -> Any:
+    value: Any = graph_module
+    for atom in target.split("."):
+        value = getattr(value, atom)
+    return value
+
+
+def _arguments_text(args: Any, kwargs: Any) -> str:
+    parts = [arg.name if isinstance(arg, fx.Node) else repr(arg) for arg in args[1:]]
+    parts += [f"{key}={value!r}" for key, value in kwargs.items()]
+    return "(" + ", ".join(parts) + ")"
+
+
+def _plan(
+    analysis: SpaceAnalysis, changes: dict[int, SlotMapping], label: str
+) -> tuple[Plan, dict[str, torch.Tensor]]:
+    """Rebuild every member of the changed classes: a plan, and the new get_attr tensors by target."""
+    graph_module = analysis.graph_module
+    for root in changes:
+        block = analysis.blocked(root)
+        if block is not None:
+            raise PropagationError(
+                f"{label}: the resize reaches node '{block.node}' ({block.op}), which blocks it: {block.reason}",
+                block.node,
+            )
+    slots: dict[fx.Node, dict[str, SlotMapping]] = defaultdict(dict)
+    breaks: list[tuple[str, str]] = []
+    outputs: list[str] = []
+    for root, mapping in changes.items():
+        for member in analysis.members_of(root):
+            if member.node in analysis.rebuilders:
+                slots[member.node][member.slot] = mapping
+            if member.role == "normalizer":
+                breaks.append((member.node.name, f"{member.detail}: values mix across the resized channels"))
+            if member.role == "output":
+                outputs.append(f"'{member.node.name}' width {analysis.width(root)} -> {len(mapping)}")
+    modules = dict(graph_module.named_modules())
+    order = {node: position for position, node in enumerate(graph_module.graph.nodes)}
+    sites: dict[tuple[str, Any], list[fx.Node]] = defaultdict(list)
+    for node in graph_module.graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            sites[(node.op, node.target)].append(node)
+    built: dict[tuple[str, Any], tuple[dict[str, SlotMapping], NodeEdit]] = {}
+    edits: list[PlannedEdit] = []
+    tensors: dict[str, torch.Tensor] = {}
+    for node in sorted(slots, key=order.__getitem__):
+        mappings = slots[node]
+        module = modules.get(node.target) if node.op == "call_module" else None
+        key = (node.op, node.target)
+        shared = node.op in ("call_module", "get_attr") and len(sites[key]) > 1
+        if shared and key in built:
+            if built[key][0] != mappings:
+                raise PropagationError(
+                    f"{label}: '{node.target}' is used at {len(sites[key])} sites whose channels would change "
+                    f"differently (node '{node.name}'); a shared layer keeps one set of weights",
+                    node.name,
+                )
+            edit = built[key][1]
+        else:
+            if shared:
+                changed_sites = [site for site in sites[key] if site in slots]
+                if len(changed_sites) != len(sites[key]):
+                    unchanged = next(site for site in sites[key] if site not in slots)
+                    raise PropagationError(
+                        f"{label}: '{node.target}' is used at {len(sites[key])} sites but only some change width "
+                        f"(node '{unchanged.name}' does not); a shared layer keeps one set of weights",
+                        node.name,
+                    )
+            old_widths = {member.slot: analysis.width(member.space) for member in analysis.node_members(node)}
+            request = RebuildRequest(
+                node=node,
+                module=module,
+                value=_fetch(graph_module, node.target) if node.op == "get_attr" else None,
+                mappings=dict(mappings),
+                old_widths=old_widths,
+                analysis=analysis,
+            )
+            try:
+                edit = analysis.rebuilders[node](request)
+            except FxIndexError:
+                raise
+            except Exception as error:
+                raise PropagationError(
+                    f"{label}: cannot rebuild node '{node.name}' ({describe_node(node)}): {type(error).__name__}: {error}",
+                    node.name,
+                ) from error
+            built[key] = (dict(mappings), edit)
+        if not edit.preserves_function:
+            breaks.append((node.name, edit.reason))
+        change = ", ".join(
+            f"{slot} {analysis.width(next(m.space for m in analysis.node_members(node) if m.slot == slot))} -> {len(m)}"
+            for slot, m in sorted(mappings.items())
+        )
+        if edit.tensor is not None:
+            tensors[str(node.target)] = edit.tensor
+            action, old, new = "rebuild", f"{tuple(request_shape(graph_module, node))}", f"{tuple(edit.tensor.shape)}"
+        elif edit.module is not None:
+            action, old, new = "rebuild", _short(module), _short(edit.module)
+        elif edit.args is not None or edit.kwargs is not None:
+            action = "rewrite"
+            old = _arguments_text(node.args, node.kwargs)
+            new = _arguments_text(
+                edit.args if edit.args is not None else node.args, edit.kwargs if edit.kwargs is not None else node.kwargs
+            )
+        else:
+            action, old, new = "pass", describe_node(node), ""
+        edits.append(
+            PlannedEdit(
+                node=node.name,
+                target=str(node.target) if node.op in ("call_module", "get_attr") else describe_node(node),
+                action=action,
+                old=old,
+                new=new,
+                weights=edit.weights,
+                output_change=change,
+                module=edit.module,
+                args=edit.args,
+                kwargs=edit.kwargs,
+            )
+        )
+    return Plan(edits=edits, breaks_function=breaks, output_changes=outputs), tensors
+
+
+def request_shape(graph_module: fx.GraphModule, node: fx.Node) -> tuple[int, ...]:
+    value = _fetch(graph_module, str(node.target))
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+
+
+def _install(graph_module: fx.GraphModule, plan: Plan, tensors: dict[str, torch.Tensor]) -> None:
+    """Install the plan's modules and arguments, then the new parameter and buffer tensors."""
+    apply_plan(graph_module, plan)
+    with torch.no_grad():
+        for target, tensor in tensors.items():
+            owner_name, _, atom = target.rpartition(".")
+            owner = graph_module.get_submodule(owner_name)
+            old = getattr(owner, atom)
+            if isinstance(old, nn.Parameter):
+                setattr(owner, atom, nn.Parameter(tensor.detach().clone(), requires_grad=old.requires_grad))
+            elif atom in owner._buffers:
+                owner._buffers[atom] = tensor.detach().clone()
+            else:
+                setattr(owner, atom, tensor.detach().clone())
+
+
+def _copy(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy that keeps fxindex's recipe (an unpickled module keeps it as attributes only)."""
+    restore_meta(graph_module)
+    return copy.deepcopy(graph_module)
+
+
+def _check_inputs(graph_module: fx.GraphModule, example_inputs: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
+    """Inputs to shape-check the result with: the caller's, or empty tensors shaped like the recorded ones."""
+    if example_inputs is not None:
+        return example_inputs
+    first = next(iter(graph_module.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    inputs: list[Any] = []
+    for node in graph_module.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        meta = node.meta.get("tensor_meta")
+        if isinstance(meta, TensorMetadata):
+            # Zeros, not empty memory: an index input (Embedding) must stay in range if a real run is needed.
+            inputs.append(torch.zeros(meta.shape, dtype=meta.dtype, device=device))
+        elif node.args:
+            inputs.append(node.args[0])  # an optional argument left at its default
+        else:
+            return None
+    return tuple(inputs)
+
+
+def _plan_resize(
+    model: nn.Module,
+    index: int | str,
+    width: int | None,
+    keep: Sequence[int] | None,
+    example_inputs: tuple[Any, ...] | None,
+) -> tuple[fx.GraphModule, Plan, dict[str, torch.Tensor], dict[str, Any]]:
+    source = prepare(model, example_inputs, _CALLER)
+    layers = LayerIndex(source)
+    position = layers.resolve(index)
+    node = layers.node(position)
+    label = f"layer {position} ('{node.target}')"
+    _check_width(width, label)
+    analysis = analyze(source)
+    root, found = group_of_node(analysis, node, label)
+    if not found.resizable:
+        raise PropagationError(
+            f"{label}: its channel group cannot be resized: node '{found.blocked_by}' ({found.blocked_op}) "
+            f"{found.reason}",
+            found.blocked_by or "",
+        )
+    blocks = equal_blocks_of(analysis, root)
+    mapping = _start_mapping(found.width, width, keep, blocks, label)
+    changes = solve(analysis, root, mapping)
+    plan, tensors = _plan(analysis, changes, label)
+    dropped = found.width - sum(slot is not None for slot in mapping)
+    if dropped:
+        plan.breaks_function.insert(
+            0,
+            (
+                node.name,
+                f"drops {dropped} of {found.width} channels of the group; the output is unchanged only if they "
+                "carried nothing",
+            ),
+        )
+    edit = {
+        "op": "resize",
+        "index": position,
+        "target": str(node.target),
+        "width": len(mapping),
+        "keep": None if keep is None else [int(slot) for slot in keep],
+    }
+    return source, plan, tensors, edit
+
+
+def plan_resize(
+    model: nn.Module,
+    index: int | str,
+    width: int | None = None,
+    *,
+    keep: Sequence[int] | None = None,
+    example_inputs: tuple[Any, ...] | None = None,
+) -> Plan:
+    """What :func:`resize` would do, without doing it: every member it rebuilds or rewrites.
+
+    Takes :func:`resize`'s arguments (but never ``inplace``).
+
+    Returns:
+        A :class:`~fxindex.plan.Plan`; ``print(plan)`` shows it as a table.
+    """
+    try:
+        return _plan_resize(model, index, width, keep, example_inputs)[1]
+    except FxIndexError as error:
+        raise _with_context(error) from error.__cause__
+
+
+def _with_context(error: FxIndexError) -> FxIndexError:
+    if error.args and isinstance(error.args[0], str) and not error.args[0].startswith(_CALLER):
+        error.args = (f"{_CALLER}: {error.args[0]}",) + error.args[1:]
+    return error
+
+
+def resize(
+    model: nn.Module,
+    index: int | str,
+    width: int | None = None,
+    *,
+    keep: Sequence[int] | None = None,
+    example_inputs: tuple[Any, ...] | None = None,
+    inplace: bool = False,
+) -> fx.GraphModule:
+    """Change the output width of the layer at ``index`` and of its whole channel group.
+
+    Args:
+        model: an ``nn.Module`` (traced first) or a ``torch.fx.GraphModule``.
+        index: an execution-order index (negatives allowed) or a qualified name.
+        width: the new width. Larger than now widens: new filters of every
+            producer are zero and consumers read new slots with zero weights,
+            so the model computes the same function (unless the group holds
+            a LayerNorm, GroupNorm, softmax or mean across the channels).
+            Smaller keeps the first channels. Default: ``len(keep)``.
+        keep: old channel indices to keep, in their new order (new channel
+            ``j`` is old channel ``keep[j]``; channels past ``len(keep)`` are
+            new): narrows, reorders, or both with ``width``. With a grouped
+            convolution in the group, each block must keep as many channels,
+            listed block by block.
+        example_inputs: a tuple of inputs; records shapes (needed unless
+            ``model`` was traced with them).
+        inplace: edit ``model`` (a GraphModule) itself; even then a failed
+            call leaves it untouched.
+
+    Returns:
+        The rebuilt ``GraphModule``, linted, recompiled and shape-checked;
+        unless ``inplace``, it shares no parameter with ``model``.
+
+    Raises:
+        EditError: ``width`` is not a positive int, ``keep=`` is out of range
+            or repeated, or equal blocks (grouped conv) would become unequal;
+            the message says which widths work.
+        PropagationError: the group cannot be resized; names the node and op
+            that block it.
+        ShapesRequiredError: no shapes recorded and no ``example_inputs``.
+        LayerIndexError / LayerNameError: no such layer.
+
+    Example:
+        >>> import torch, torchvision, fxindex
+        >>> net = torchvision.models.resnet18().eval()
+        >>> x = torch.randn(1, 3, 64, 64)
+        >>> wider = fxindex.resize(net, "layer1.0.conv2", 72, example_inputs=(x,))
+        >>> wider.conv1.out_channels, wider.layer2.get_submodule("0").conv1.in_channels
+        (72, 72)
+        >>> torch.testing.assert_close(wider(x), net(x), rtol=1e-5, atol=1e-5)
+    """
+    try:
+        source, plan, tensors, edit = _plan_resize(model, index, width, keep, example_inputs)
+        # Install into the caller's GraphModule (or the trace of a plain module), never into a shape view.
+        target = model if isinstance(model, fx.GraphModule) else source
+        inputs = _check_inputs(source, example_inputs)
+        result = _copy(target)
+        _install(result, plan, tensors)
+        if inputs is not None:
+            try:
+                record_shapes(result, inputs)
+            except ShapeMismatchError as error:
+                raise PropagationError(f"the resized graph does not run: {error}") from error
+        if inplace:
+            # Checked on the copy: now the same edit, on the caller's module, with the copy's shapes.
+            _install(target, plan, tensors)
+            metas = {node.name: node.meta.get("tensor_meta") for node in result.graph.nodes}
+            for node in target.graph.nodes:
+                if metas.get(node.name) is not None:
+                    node.meta["tensor_meta"] = metas[node.name]
+            result = target
+    except FxIndexError as error:
+        raise _with_context(error) from error.__cause__
+    record_edit(result, edit)
+    return result

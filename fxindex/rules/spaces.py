@@ -1,0 +1,1320 @@
+"""Channel-space relation rules: how each op relates the spaces of its inputs and output.
+
+One decorated function per op family (see :mod:`fxindex.spaces` for the
+vocabulary). A rule reads its inputs' dims, states relations (same, concat,
+product, fresh), names the node's members and, where the node holds weights
+or shape constants, passes the function that rebuilds it for new slot
+mappings. The rebuild keeps every weight slice that still has a meaning:
+
+* a producer's new output filters are zero, so a widening is function-preserving;
+* a consumer's new input slots have zero weights;
+* a carrier's new channels are the identity (BatchNorm weight 1, bias 0,
+  running mean 0, running variance 1; LayerNorm/GroupNorm weight 1, bias 0;
+  PReLU at its initial slope; a depthwise filter zero);
+* a ``get_attr`` parameter's new slots are 1 when every use multiplies or
+  divides by it (a layer-scale ``gamma``), else 0 (a bias, a position
+  embedding, a class token).
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from fxindex.rules.elementwise import (
+    _POOL_FUNCTIONS,
+    _POOL_MODULES,
+    ELEMENTWISE_FUNCTIONS,
+    ELEMENTWISE_METHODS,
+    ELEMENTWISE_MODULES,
+)
+from fxindex.rules.join import _BINARY
+from fxindex.rules.rebuild import rebuild
+from fxindex.rules.registry import argument, remap
+from fxindex.rules.reshape import _shape_arguments, group_dimensions
+from fxindex.spaces import Dims, NodeEdit, RebuildRequest, SlotMapping, SpaceContext, register_space_rule
+
+__all__ = ["relate_get_attr"]
+
+_IDENTITY_VALUES = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
+
+
+def _account(mapping: SlotMapping, old: int, what: str, new_as: str) -> str:
+    kept = sum(slot is not None for slot in mapping)
+    parts = [f"{kept}/{len(mapping)} {what} kept"]
+    if len(mapping) - kept:
+        parts.append(f"{len(mapping) - kept} new ({new_as})")
+    if old - kept:
+        parts.append(f"{old - kept} dropped")
+    return ", ".join(parts)
+
+
+def _input(context: SpaceContext, position: int = 0, name: str = "input") -> tuple[Any, Dims | None]:
+    node = argument(context.node, position, name)
+    return node, context.dims(node)
+
+
+def _pass_through(context: SpaceContext) -> None:
+    """Output dims are the first tensor input's (shape-preserving ops)."""
+    node, dims = _input(context)
+    shape = context.shape(context.node)
+    if dims is None:
+        if isinstance(node, fx.Node) and context.value(node) is not None:
+            context.block_inputs("expected one tensor input")
+        return
+    if shape is None or len(shape) != len(dims) or shape != context.shape(node):
+        context.block_inputs("expected an output of the input's shape")
+        return
+    context.output(dims)
+
+
+# --------------------------------------------------------------------------------- layers
+
+
+def _rebuild_linear(request: RebuildRequest) -> NodeEdit:
+    module = request.module
+    assert isinstance(module, nn.Linear)
+    out, inp = request.mapping("out"), request.mapping("in")
+    weight = remap(remap(module.weight, 0, out), 1, inp)
+    parameters = {"weight": weight}
+    if module.bias is not None:
+        parameters["bias"] = remap(module.bias, 0, out)
+    accounts = []
+    if request.changed("out"):
+        accounts.append(_account(out, module.out_features, "out-features", "zero"))
+    if request.changed("in"):
+        accounts.append(_account(inp, module.in_features, "in-features", "zero"))
+    return NodeEdit(
+        module=rebuild(module, attributes={"in_features": len(inp), "out_features": len(out)}, parameters=parameters),
+        weights="; ".join(accounts),
+    )
+
+
+@register_space_rule(nn.Linear)
+def relate_linear(context: SpaceContext) -> None:
+    """Linear reads the last dim and writes a fresh one; other dims pass."""
+    _, dims = _input(context)
+    shape = context.shape(context.node)
+    if dims is None or shape is None:
+        context.block_inputs("Linear without recorded shapes")
+        return
+    out = context.fresh(shape[-1])
+    context.member("consumer", "in", dims[-1], "in_features", _rebuild_linear)
+    context.member("producer", "out", out, "out_features", _rebuild_linear)
+    context.output(dims[:-1] + (out,))
+
+
+def _rebuild_embedding(request: RebuildRequest) -> NodeEdit:
+    module = request.module
+    assert isinstance(module, nn.Embedding)
+    out = request.mapping("out")
+    return NodeEdit(
+        module=rebuild(module, attributes={"embedding_dim": len(out)}, parameters={"weight": remap(module.weight, 1, out)}),
+        weights=_account(out, module.embedding_dim, "embedding features", "zero"),
+    )
+
+
+@register_space_rule(nn.Embedding)
+def relate_embedding(context: SpaceContext) -> None:
+    """Embedding writes a fresh feature dim after the index dims."""
+    _, dims = _input(context)
+    shape = context.shape(context.node)
+    if dims is None or shape is None:
+        context.block_inputs("Embedding without recorded shapes")
+        return
+    out = context.fresh(shape[-1])
+    context.member("producer", "out", out, "embedding_dim", _rebuild_embedding)
+    context.output(dims + (out,))
+
+
+def _channel_dim(module: _ConvNd, rank: int) -> int:
+    # Unbatched inputs (C, H, W) have their channels first; batched ones at dim 1.
+    return rank - len(module.kernel_size) - 1
+
+
+def _group_local(mapping: SlotMapping, groups: int, old_width: int) -> list[SlotMapping]:
+    """Cut a block-structured mapping into per-group mappings with group-local old slots."""
+    new_block, old_block = len(mapping) // groups, old_width // groups
+    return [
+        tuple(None if slot is None else slot - g * old_block for slot in mapping[g * new_block : (g + 1) * new_block])
+        for g in range(groups)
+    ]
+
+
+def _rebuild_conv(request: RebuildRequest) -> NodeEdit:
+    module = request.module
+    assert isinstance(module, _ConvNd)
+    transposed = isinstance(module, _ConvTransposeNd)
+    groups = module.groups
+    weight = module.weight
+    accounts = []
+    if groups == module.in_channels == module.out_channels and not transposed and request.changed("channels"):
+        # Depthwise: one filter per channel, carried along with the channels.
+        channels = request.mapping("channels")
+        weight = remap(weight, 0, channels)
+        parameters = {"weight": weight}
+        if module.bias is not None:
+            parameters["bias"] = remap(module.bias, 0, channels)
+        width = len(channels)
+        return NodeEdit(
+            module=rebuild(
+                module, attributes={"in_channels": width, "out_channels": width, "groups": width}, parameters=parameters
+            ),
+            weights=_account(channels, module.in_channels, "depthwise filters", "zero"),
+        )
+    if request.changed("channels"):
+        # Depthwise with a channel multiplier: output c*m + r is filter r of input channel c.
+        channels = request.mapping("channels")
+        multiplier = module.out_channels // module.in_channels
+        out = tuple(None if slot is None else slot * multiplier + r for slot in channels for r in range(multiplier))
+        parameters = {"weight": remap(weight, 0, out)}
+        if module.bias is not None:
+            parameters["bias"] = remap(module.bias, 0, out)
+        width = len(channels)
+        return NodeEdit(
+            module=rebuild(
+                module,
+                attributes={"in_channels": width, "out_channels": width * multiplier, "groups": width},
+                parameters=parameters,
+            ),
+            weights=_account(channels, module.in_channels, "depthwise channels", "zero filters"),
+        )
+    out, inp = request.mapping("out"), request.mapping("in")
+    out_dim, in_dim = (1, 0) if transposed else (0, 1)
+    if groups == 1:
+        weight = remap(remap(weight, out_dim, out), in_dim, inp)
+    else:
+        # Grouped: each group's filters read only that group's inputs, with group-local in-slots.
+        local_out = _group_local(out, groups, module.out_channels)
+        local_in = _group_local(inp, groups, module.in_channels)
+        old_out_block, old_in_block = module.out_channels // groups, module.in_channels // groups
+        old_out_block = module.out_channels // groups
+        pieces = [
+            remap(remap(weight.narrow(0, g * old_out_block, old_out_block), 0, local_out[g]), 1, local_in[g])
+            for g in range(groups)
+        ]
+        weight = torch.cat(pieces, dim=0)
+    parameters = {"weight": weight}
+    if module.bias is not None:
+        parameters["bias"] = remap(module.bias, 0, out)
+    if request.changed("out"):
+        accounts.append(_account(out, module.out_channels, "filters", "zero"))
+    if request.changed("in"):
+        accounts.append(_account(inp, module.in_channels, "in-channels", "zero"))
+    return NodeEdit(
+        module=rebuild(module, attributes={"in_channels": len(inp), "out_channels": len(out)}, parameters=parameters),
+        weights="; ".join(accounts),
+    )
+
+
+@register_space_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def relate_conv(context: SpaceContext) -> None:
+    """A convolution reads the channel dim and writes a fresh one (depthwise: carries it; grouped: in equal blocks)."""
+    module = context.module
+    assert isinstance(module, _ConvNd)
+    _, dims = _input(context)
+    shape = context.shape(context.node)
+    if dims is None or shape is None or len(shape) != len(dims):
+        context.block_inputs("convolution without recorded shapes")
+        return
+    channel = _channel_dim(module, len(dims))
+    batch = dims[:channel]
+    spatial = context.fresh_dims(shape[channel + 1 :])
+    transposed = isinstance(module, _ConvTransposeNd)
+    groups = module.groups
+    name = type(module).__name__
+    if groups > 1 and groups == module.in_channels and not transposed:
+        context.member("carrier", "channels", dims[channel], f"depthwise {name}", _rebuild_conv)
+        if module.out_channels == module.in_channels:
+            context.output(batch + (dims[channel],) + spatial)
+            return
+        out = context.fresh(shape[channel])
+        context.product(out, [dims[channel], context.fresh(module.out_channels // module.in_channels)])
+        context.output(batch + (out,) + spatial)
+        return
+    if groups > 1 and transposed:
+        context.block_inputs(f"grouped transposed convolution (groups={groups})")
+        context.output(batch + (context.fresh(shape[channel]),) + spatial)
+        return
+    out = context.fresh(shape[channel])
+    if groups > 1:
+        # Group g's filters read only input block g: both sides are cut into equal blocks.
+        context.concat(dims[channel], [context.fresh(module.in_channels // groups) for _ in range(groups)], equal=True)
+        context.concat(out, [context.fresh(module.out_channels // groups) for _ in range(groups)], equal=True)
+    detail = f"groups={groups}" if groups > 1 else ""
+    context.member("consumer", "in", dims[channel], f"{name} in_channels {detail}".strip(), _rebuild_conv)
+    context.member("producer", "out", out, f"{name} out_channels {detail}".strip(), _rebuild_conv)
+    context.output(batch + (out,) + spatial)
+
+
+def _norm_tensors(module: nn.Module, mapping: SlotMapping, dim: int = 0) -> tuple[dict, dict]:
+    parameters = {
+        name: remap(value, dim, mapping, _IDENTITY_VALUES[name])
+        for name, value in module._parameters.items()
+        if value is not None and name in _IDENTITY_VALUES
+    }
+    buffers = {
+        name: remap(value, dim, mapping, _IDENTITY_VALUES[name])
+        for name, value in module._buffers.items()
+        if value is not None and name in _IDENTITY_VALUES
+    }
+    return parameters, buffers
+
+
+def _rebuild_channel_norm(request: RebuildRequest) -> NodeEdit:
+    module = request.module
+    assert module is not None
+    mapping = request.mapping("channels")
+    parameters, buffers = _norm_tensors(module, mapping)
+    attribute = "num_channels" if isinstance(module, nn.GroupNorm) else "num_features"
+    if isinstance(module, nn.PReLU):
+        parameters = {"weight": remap(module.weight, 0, mapping, float(getattr(module, "init", 0.25)))}
+        attribute = "num_parameters"
+    return NodeEdit(
+        module=rebuild(module, attributes={attribute: len(mapping)}, parameters=parameters, buffers=buffers),
+        weights=_account(mapping, request.old_widths["channels"], "channels", "identity"),
+        preserves_function=not isinstance(module, nn.GroupNorm),
+        reason="GroupNorm normalises across the channels of a group: new channels change the statistics",
+    )
+
+
+def _channel_axis(rank: int) -> int:
+    return 1 if rank > 1 else 0
+
+
+@register_space_rule(_BatchNorm, _InstanceNorm)
+def relate_channel_norm(context: SpaceContext) -> None:
+    """BatchNorm/InstanceNorm carry the channel dim (per-channel statistics)."""
+    _, dims = _input(context)
+    if dims is None:
+        context.block_inputs("normalisation of a non-tensor")
+        return
+    axis = _channel_axis(len(dims))
+    context.member("carrier", "channels", dims[axis], type(context.module).__name__, _rebuild_channel_norm)
+    context.output(dims)
+
+
+@register_space_rule(nn.GroupNorm)
+def relate_group_norm(context: SpaceContext) -> None:
+    """GroupNorm carries the channels in ``num_groups`` equal blocks and mixes values within each."""
+    module = context.module
+    assert isinstance(module, nn.GroupNorm)
+    _, dims = _input(context)
+    if dims is None:
+        context.block_inputs("normalisation of a non-tensor")
+        return
+    channels = dims[_channel_axis(len(dims))]
+    if module.num_groups > 1:
+        context.concat(channels, [context.fresh(module.num_channels // module.num_groups) for _ in range(module.num_groups)], equal=True)
+    context.member("carrier", "channels", channels, f"GroupNorm({module.num_groups} groups)", _rebuild_channel_norm)
+    context.member("normalizer", "channels", channels, "GroupNorm statistics")
+    context.output(dims)
+
+
+@register_space_rule(nn.PReLU)
+def relate_prelu(context: SpaceContext) -> None:
+    """PReLU with one slope per channel carries the channel dim; with one slope it is elementwise."""
+    module = context.module
+    assert isinstance(module, nn.PReLU)
+    _, dims = _input(context)
+    if dims is None:
+        context.block_inputs("PReLU of a non-tensor")
+        return
+    if module.num_parameters > 1:
+        context.member("carrier", "channels", dims[_channel_axis(len(dims))], "PReLU slopes", _rebuild_channel_norm)
+    context.output(dims)
+
+
+def _rebuild_layer_norm(request: RebuildRequest) -> NodeEdit:
+    module = request.module
+    assert isinstance(module, nn.LayerNorm)
+    shape = list(module.normalized_shape)
+    parameters = {name: value for name, value in module._parameters.items() if value is not None}
+    accounts = []
+    for position in range(len(shape)):
+        slot = f"norm{position}"
+        if request.changed(slot):
+            mapping = request.mapping(slot)
+            shape[position] = len(mapping)
+            parameters = {name: remap(value, position, mapping, _IDENTITY_VALUES[name]) for name, value in parameters.items()}
+            accounts.append(_account(mapping, request.old_widths[slot], "features", "identity"))
+    return NodeEdit(
+        module=rebuild(module, attributes={"normalized_shape": tuple(shape)}, parameters=parameters),
+        weights="; ".join(accounts),
+        preserves_function=False,
+        reason="LayerNorm normalises across the resized dimension: new features change the statistics",
+    )
+
+
+def _channels_first_layer_norms() -> tuple[type, ...]:
+    """LayerNorm subclasses of other libraries that normalise dim 1 of (N, C, H, W) (traced as leaves)."""
+    found: list[type] = []
+    try:
+        from torchvision.models.convnext import LayerNorm2d as TorchvisionLayerNorm2d
+
+        found.append(TorchvisionLayerNorm2d)
+    except Exception:  # torchvision is optional
+        pass
+    try:
+        from timm.layers import norm, norm_act
+
+        for module, names in ((norm, ("LayerNorm2d", "LayerNorm2dFp32")), (norm_act, ("LayerNormAct2d", "LayerNormAct2dFp32"))):
+            found.extend(getattr(module, name) for name in names if hasattr(module, name))
+    except Exception:  # timm is optional
+        pass
+    return tuple(found)
+
+
+_CHANNELS_FIRST_LAYER_NORMS: tuple[type, ...] | None = None
+
+
+def _normalized_dims(module: nn.LayerNorm, shape: tuple[int, ...]) -> tuple[list[int] | None, str]:
+    """The input dims ``module`` normalises, or ``None`` and why fxindex cannot tell."""
+    global _CHANNELS_FIRST_LAYER_NORMS
+    if _CHANNELS_FIRST_LAYER_NORMS is None:
+        _CHANNELS_FIRST_LAYER_NORMS = _channels_first_layer_norms()
+    normalized = tuple(int(size) for size in module.normalized_shape)
+    count = len(normalized)
+    trailing = len(shape) >= count and tuple(shape[len(shape) - count :]) == normalized
+    name = type(module).__name__
+    if isinstance(module, _CHANNELS_FIRST_LAYER_NORMS):
+        # LayerNorm2d: permutes to channels-last, normalises, permutes back.
+        if count == 1 and len(shape) >= 2 and shape[1] == normalized[0]:
+            return [1], ""
+        return None, f"{name} expects its normalized_shape {normalized} at dim 1 of its input {shape}"
+    if type(module).forward is not nn.LayerNorm.forward and not trailing:
+        return None, (
+            f"{name} (a LayerNorm subclass with its own forward) does not normalise the last dims of its input "
+            f"{shape}: fxindex cannot tell which dims it normalises; register a space rule for it"
+        )
+    if not trailing:
+        return None, f"LayerNorm's normalized_shape {normalized} does not match the input's last dims {shape}"
+    return list(range(len(shape) - count, len(shape))), ""
+
+
+@register_space_rule(nn.LayerNorm)
+def relate_layer_norm(context: SpaceContext) -> None:
+    """LayerNorm carries its normalised dims (the last ones; dim 1 for LayerNorm2d) and mixes values across them."""
+    module = context.module
+    assert isinstance(module, nn.LayerNorm)
+    node, dims = _input(context)
+    shape = context.shape(node)
+    if dims is None or shape is None:
+        context.block_inputs("normalisation of a non-tensor")
+        return
+    normalized, reason = _normalized_dims(module, shape)
+    if normalized is None:
+        context.block_inputs(reason)
+        context.output(dims)
+        return
+    for position, dim in enumerate(normalized):
+        context.member("carrier", f"norm{position}", dims[dim], type(module).__name__, _rebuild_layer_norm)
+        context.member("normalizer", f"norm{position}", dims[dim], f"{type(module).__name__} statistics")
+    context.output(dims)
+
+
+def _rebuild_multihead_attention(request: RebuildRequest) -> NodeEdit:
+    """Remap the embedding dim everywhere it appears: in_proj's q/k/v rows and columns, out_proj's rows and columns.
+
+    The heads' inner dims take the same mapping as the stream (each head owns
+    one equal block of it), so the result is what Torch-Pruning builds when it
+    prunes the same indices of a MultiheadAttention.
+    """
+    module = request.module
+    assert isinstance(module, nn.MultiheadAttention)
+    mapping = request.mapping("embed")
+    old, width = module.embed_dim, len(mapping)
+    # in_proj holds q, k and v one above the other: the same mapping in each third.
+    rows = tuple(
+        None if slot is None else third * old + slot for third in range(3) for slot in mapping
+    )
+    parameters: dict[str, torch.Tensor] = {"in_proj_weight": remap(remap(module.in_proj_weight, 0, rows), 1, mapping)}
+    if module.in_proj_bias is not None:
+        parameters["in_proj_bias"] = remap(module.in_proj_bias, 0, rows)
+    new = rebuild(
+        module,
+        attributes={"embed_dim": width, "kdim": width, "vdim": width, "head_dim": width // module.num_heads},
+        parameters=parameters,
+    )
+    projection = module.out_proj
+    projected = {"weight": remap(remap(projection.weight, 0, mapping), 1, mapping)}
+    if projection.bias is not None:
+        projected["bias"] = remap(projection.bias, 0, mapping)
+    new._modules["out_proj"] = rebuild(
+        projection, attributes={"in_features": width, "out_features": width}, parameters=projected
+    )
+    changes_scale = width // module.num_heads != module.head_dim
+    return NodeEdit(
+        module=new,
+        weights=_account(mapping, old, "embedding features", "zero") + " (in_proj q/k/v and out_proj alike)",
+        preserves_function=not changes_scale,
+        reason="the heads' width changes, and with it the attention's 1/sqrt(head_dim) scale",
+    )
+
+
+@register_space_rule(nn.MultiheadAttention)
+def relate_multihead_attention(context: SpaceContext) -> None:
+    """MultiheadAttention reads and writes one embedding space, cut into ``num_heads`` equal blocks.
+
+    ``embed_dim`` is at once the width of query, key and value, the sum of
+    the heads' widths and the output's width, so all of them are one space;
+    each head owns one block of it. Separate ``kdim``/``vdim``, ``add_bias_kv``
+    and ``add_zero_attn`` are not handled (they block).
+    """
+    module = context.module
+    assert isinstance(module, nn.MultiheadAttention)
+    query = context.dims(argument(context.node, 0, "query"))
+    key = context.dims(argument(context.node, 1, "key"))
+    value = context.dims(argument(context.node, 2, "value"))
+    meta = context.node.meta.get("tensor_meta")
+    if (
+        query is None
+        or key is None
+        or value is None
+        or not module._qkv_same_embed_dim
+        or module.bias_k is not None
+        or module.add_zero_attn
+        or not isinstance(meta, (tuple, list))
+    ):
+        context.block_inputs(
+            "MultiheadAttention with separate kdim/vdim, add_bias_kv or add_zero_attn, or without recorded shapes"
+        )
+        context.output(context.output_fresh())
+        return
+    embed = query[-1]
+    context.same(embed, key[-1])
+    context.same(embed, value[-1])
+    if module.num_heads > 1:
+        context.concat(embed, [context.fresh(module.head_dim) for _ in range(module.num_heads)], equal=True)
+    context.member("carrier", "embed", embed, f"MultiheadAttention({module.num_heads} heads)", _rebuild_multihead_attention)
+    context.member("normalizer", "embed", embed, "attention scores (softmax over q.k / sqrt(head_dim))")
+    # The output: (attention output over the query's dims, attention weights or None).
+    weights = context.analysis.fresh_value(meta[1]) if len(meta) > 1 else None
+    context.output([query[:-1] + (embed,), weights])
+
+
+# --------------------------------------------------------------------------------- shape-preserving ops
+
+register_space_rule(*ELEMENTWISE_MODULES, *ELEMENTWISE_FUNCTIONS, *ELEMENTWISE_METHODS, F.sigmoid, F.tanh)(_pass_through)
+
+
+def _register_optional() -> None:
+    """Rules for functions of optional libraries that torch.fx keeps as one call (``torch.fx.wrap``)."""
+    try:
+        from torchvision.ops import stochastic_depth
+    except Exception:  # torchvision is optional
+        return
+    register_space_rule(stochastic_depth)(_pass_through)
+
+
+_register_optional()
+
+
+def _spatial(context: SpaceContext, spatial: int) -> None:
+    """Pooling and resampling: the last ``spatial`` dims get fresh spaces, the others pass."""
+    _, dims = _input(context)
+    shape = context.shape(context.node)
+    if dims is None or shape is None or len(shape) != len(dims) or len(dims) < spatial:
+        context.block_inputs("expected one tensor of the same rank out")
+        return
+    keep = len(dims) - spatial
+    context.output(dims[:keep] + context.fresh_dims(shape[keep:]))
+
+
+@register_space_rule(*_POOL_MODULES)
+def relate_pool_module(context: SpaceContext) -> None:
+    spatial = next(dims for cls, dims in _POOL_MODULES.items() if isinstance(context.module, cls))
+    _spatial(context, spatial)
+
+
+@register_space_rule(*_POOL_FUNCTIONS)
+def relate_pool_function(context: SpaceContext) -> None:
+    _spatial(context, _POOL_FUNCTIONS[context.node.target])
+
+
+@register_space_rule(nn.Upsample, F.interpolate)
+def relate_upsample(context: SpaceContext) -> None:
+    _, dims = _input(context)
+    _spatial(context, len(dims) - 2 if dims is not None else 0)
+
+
+def _softmax(context: SpaceContext, dim: int | None) -> None:
+    _, dims = _input(context)
+    _pass_through(context)
+    if dims is not None and dim is not None:
+        context.member("normalizer", "dim", dims[dim % len(dims)], "softmax")
+
+
+@register_space_rule(nn.Softmax, nn.LogSoftmax, nn.Softmin)
+def relate_softmax_module(context: SpaceContext) -> None:
+    _softmax(context, context.module.dim)  # type: ignore[union-attr]
+
+
+@register_space_rule(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax")
+def relate_softmax(context: SpaceContext) -> None:
+    _softmax(context, argument(context.node, 1, "dim"))
+
+
+@register_space_rule("size", "dim", "numel", builtins.getattr)
+def relate_metadata(context: SpaceContext) -> None:
+    """``x.size()``, ``x.shape``: no tensor comes out (the sizes are read at run time)."""
+    if context.shape(context.node) is not None:
+        context.block_inputs(f"attribute {context.node.args[1] if len(context.node.args) > 1 else ''!s} returns a tensor")
+        return
+    context.output(None)
+
+
+# --------------------------------------------------------------------------------- joins
+
+
+@register_space_rule(*_BINARY, torch.where)
+def relate_binary(context: SpaceContext) -> None:
+    """Elementwise ops with broadcasting: dims that meet at the same size are one space."""
+    shape = context.shape(context.node)
+    operands = [value for value in context.node.args if isinstance(value, fx.Node)]
+    operands += [value for value in context.node.kwargs.values() if isinstance(value, fx.Node)]
+    tensors = [(node, context.dims(node), context.shape(node)) for node in operands]
+    tensors = [(node, dims, node_shape) for node, dims, node_shape in tensors if dims is not None and node_shape is not None]
+    if shape is None:
+        if tensors:
+            context.block_inputs("an elementwise op on tensors that returns no tensor")
+        return
+    rank = len(shape)
+    out: list[int | None] = [None] * rank
+    joined: set[int] = set()
+    for _, dims, node_shape in tensors:
+        offset = rank - len(dims)
+        if offset < 0:
+            context.block_inputs("operand of higher rank than the result")
+            return
+        for i, space in enumerate(dims):
+            position = offset + i
+            if node_shape[i] != shape[position]:
+                continue  # broadcast along this dim
+            if out[position] is None:
+                out[position] = space
+            else:
+                context.same(out[position], space)
+                joined.add(position)
+    result = tuple(space if space is not None else context.fresh(shape[p]) for p, space in enumerate(out))
+    for position in sorted(joined):
+        if shape[position] > 1:
+            context.member("join", f"dim{position}", result[position], describe_op(context.node))
+    context.output(result)
+
+
+def describe_op(node: fx.Node) -> str:
+    target = node.target
+    return getattr(target, "__name__", str(target))
+
+
+@register_space_rule(torch.cat, torch.concat, torch.concatenate)
+def relate_cat(context: SpaceContext) -> None:
+    """Concatenation: along ``dim`` the result is its parts side by side; other dims are one space."""
+    tensors = list(argument(context.node, 0, "tensors"))
+    dim = argument(context.node, 1, "dim", 0)
+    shape = context.shape(context.node)
+    parts = [context.dims(node) for node in tensors]
+    if shape is None or any(dims is None or len(dims) != len(shape) for dims in parts):
+        context.block_inputs("concatenation of values that are not tensors of one rank")
+        return
+    dim %= len(shape)
+    whole = context.fresh(shape[dim])
+    result = list(parts[0])
+    result[dim] = whole
+    for dims in parts[1:]:
+        for position, space in enumerate(dims):
+            if position != dim:
+                context.same(result[position], space)
+    context.concat(whole, [dims[dim] for dims in parts])
+    context.member("join", "cat", whole, "cat")
+    if len(parts) > 1:
+        # The other dims of the parts are tied together too (a class token's channels and the patches').
+        for position, space in enumerate(result):
+            if position != dim and shape[position] > 1:
+                context.member("join", f"dim{position}", space, "cat")
+    context.output(tuple(result))
+
+
+@register_space_rule(torch.stack)
+def relate_stack(context: SpaceContext) -> None:
+    tensors = list(argument(context.node, 0, "tensors"))
+    dim = argument(context.node, 1, "dim", 0)
+    shape = context.shape(context.node)
+    parts = [context.dims(node) for node in tensors]
+    if shape is None or any(dims is None or len(dims) + 1 != len(shape) for dims in parts):
+        context.block_inputs("stack of values that are not tensors of one rank")
+        return
+    for dims in parts[1:]:
+        for first, space in zip(parts[0], dims):
+            context.same(first, space)
+    dim %= len(shape)
+    result = list(parts[0])
+    result.insert(dim, context.fresh(shape[dim]))
+    context.output(tuple(result))
+
+
+@register_space_rule(torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm")
+def relate_matmul(context: SpaceContext) -> None:
+    """Matrix product: the contracted dims are one space; batch dims broadcast."""
+    first, second = context.node.args[0], context.node.args[1]
+    a, b = context.dims(first), context.dims(second)
+    shape = context.shape(context.node)
+    if a is None or b is None or shape is None or len(a) < 2 or len(b) < 2:
+        context.block_inputs("matmul of tensors below rank 2")
+        return
+    context.same(a[-1], b[-2])
+    batch_rank = len(shape) - 2
+    batch: list[int] = []
+    for position in range(batch_rank):
+        spaces = []
+        for dims, node in ((a, first), (b, second)):
+            offset = batch_rank - (len(dims) - 2)
+            local = position - offset
+            node_shape = context.shape(node)
+            if local >= 0 and node_shape is not None and node_shape[local] == shape[position]:
+                spaces.append(dims[local])
+        for space in spaces[1:]:
+            context.same(spaces[0], space)
+        batch.append(spaces[0] if spaces else context.fresh(shape[position]))
+    context.output(tuple(batch) + (a[-2], b[-1]))
+
+
+# --------------------------------------------------------------------------------- reshapes
+
+
+def _flatten(context: SpaceContext, start: int, end: int) -> None:
+    _, dims = _input(context)
+    shape = context.shape(context.node)
+    if dims is None or shape is None:
+        context.block_inputs("flatten of a non-tensor")
+        return
+    if not dims:
+        context.output(context.fresh_dims(shape))
+        return
+    start, end = start % len(dims), end % len(dims)
+    whole = context.fresh(shape[start])
+    context.product(whole, dims[start : end + 1])
+    context.member("shape", "flatten", whole, "flatten")
+    context.output(dims[:start] + (whole,) + dims[end + 1 :])
+
+
+@register_space_rule(nn.Flatten)
+def relate_flatten_module(context: SpaceContext) -> None:
+    module = context.module
+    assert isinstance(module, nn.Flatten)
+    _flatten(context, module.start_dim, module.end_dim)
+
+
+@register_space_rule(torch.flatten, "flatten")
+def relate_flatten(context: SpaceContext) -> None:
+    _flatten(context, argument(context.node, 1, "start_dim", 0), argument(context.node, 2, "end_dim", -1))
+
+
+def _rebuild_view(request: RebuildRequest) -> NodeEdit:
+    node = request.node
+    sizes, as_tuple = _shape_arguments(node, 1)
+    changed = []
+    for slot in request.mappings:
+        position = int(slot[3:])
+        if isinstance(sizes[position], int) and sizes[position] != -1:
+            changed.append(f"{sizes[position]} -> {request.width(slot)}")
+            sizes[position] = request.width(slot)
+    if not changed:
+        return NodeEdit()
+    if "shape" in node.kwargs and len(node.args) <= 1:
+        return NodeEdit(kwargs={**node.kwargs, "shape": tuple(sizes)}, weights="sizes " + ", ".join(changed))
+    shape_args = (tuple(sizes),) if as_tuple else tuple(sizes)
+    return NodeEdit(args=(node.args[0],) + shape_args, weights="sizes " + ", ".join(changed))
+
+
+def _regroup(context: SpaceContext) -> tuple[int, ...] | None:
+    """A reshape's output dims: runs of input dims regrouped one to one (same), many to one (product), one to many."""
+    _, dims = _input(context)
+    shape = context.shape(context.node)
+    old = context.shape(context.node.args[0])
+    if dims is None or shape is None or old is None:
+        context.block_inputs("reshape without recorded shapes")
+        return None
+    out: list[int | None] = [None] * len(shape)
+    for in_run, out_run in group_dimensions(old, shape):
+        wide_in = [d for d in in_run if old[d] != 1]
+        wide_out = [d for d in out_run if shape[d] != 1]
+        for d in out_run:
+            if d not in wide_out:
+                out[d] = context.fresh(shape[d])
+        if not wide_in and not wide_out:
+            continue
+        if len(wide_out) == 1:
+            out[wide_out[0]] = context.fresh(shape[wide_out[0]])
+            context.product(out[wide_out[0]], [dims[d] for d in wide_in])
+        elif len(wide_in) == 1:
+            for d in wide_out:
+                out[d] = context.fresh(shape[d])
+            context.product(dims[wide_in[0]], [out[d] for d in wide_out])
+        else:
+            for d in wide_out:
+                out[d] = context.fresh(shape[d])
+            context.block([dims[d] for d in wide_in] + [out[d] for d in wide_out], f"reshapes {old} into {shape} across several dims at once")
+    return tuple(space if space is not None else context.fresh(shape[d]) for d, space in enumerate(out))
+
+
+@register_space_rule("view", "reshape", torch.reshape)
+def relate_view(context: SpaceContext) -> None:
+    """A reshape regroups runs of dims; its size constants follow the widths they state."""
+    result = _regroup(context)
+    if result is None:
+        return
+    shape = context.shape(context.node)
+    assert shape is not None
+    sizes, _ = _shape_arguments(context.node, 1)
+    if len(sizes) == len(shape):
+        for position, size in enumerate(sizes):
+            if isinstance(size, int) and size not in (-1, 1):
+                context.member("shape", f"out{position}", result[position], f"size {size}", _rebuild_view)
+    context.output(result)
+
+
+@register_space_rule("reshape_as", "view_as")
+def relate_reshape_as(context: SpaceContext) -> None:
+    """``x.reshape_as(other)``: a reshape to ``other``'s shape, read at run time.
+
+    There is no constant to rewrite: each output dim has ``other``'s width at
+    that dim whatever the resize, so the two are one space.
+    """
+    result = _regroup(context)
+    if result is None:
+        return
+    other = context.dims(argument(context.node, 1, "other"))
+    if other is None or len(other) != len(result):
+        context.block_inputs("reshape_as of a value that is not a tensor of the result's rank")
+        return
+    for mine, theirs in zip(result, other):
+        context.same(mine, theirs)
+    context.output(result)
+
+
+@register_space_rule("permute", torch.permute)
+def relate_permute(context: SpaceContext) -> None:
+    _, dims = _input(context)
+    order, _ = _shape_arguments(context.node, 1)
+    if dims is None or len(order) != len(dims) or not all(isinstance(d, int) for d in order):
+        context.block_inputs("permute with an unknown order")
+        return
+    context.output(tuple(dims[d % len(dims)] for d in order))
+
+
+@register_space_rule("transpose", torch.transpose)
+def relate_transpose(context: SpaceContext) -> None:
+    _, dims = _input(context)
+    first, second = argument(context.node, 1, "dim0"), argument(context.node, 2, "dim1")
+    if dims is None or not isinstance(first, int) or not isinstance(second, int):
+        context.block_inputs("transpose with unknown dims")
+        return
+    result = list(dims)
+    a, b = first % len(dims), second % len(dims)
+    result[a], result[b] = result[b], result[a]
+    context.output(tuple(result))
+
+
+@register_space_rule("unsqueeze", torch.unsqueeze)
+def relate_unsqueeze(context: SpaceContext) -> None:
+    _, dims = _input(context)
+    dim = argument(context.node, 1, "dim")
+    if dims is None or not isinstance(dim, int):
+        context.block_inputs("unsqueeze with an unknown dim")
+        return
+    dim %= len(dims) + 1
+    context.output(dims[:dim] + (context.fresh(1),) + dims[dim:])
+
+
+@register_space_rule("squeeze", torch.squeeze)
+def relate_squeeze(context: SpaceContext) -> None:
+    node, dims = _input(context)
+    old = context.shape(node)
+    dim = argument(context.node, 1, "dim")
+    if dims is None or old is None:
+        context.block_inputs("squeeze without recorded shapes")
+        return
+    if dim is None:
+        removed = {d for d, size in enumerate(old) if size == 1}
+    else:
+        removed = {d % len(dims) for d in ((dim,) if isinstance(dim, int) else dim) if old[d % len(dims)] == 1}
+    context.output(tuple(space for d, space in enumerate(dims) if d not in removed))
+
+
+def _rebuild_expand(request: RebuildRequest) -> NodeEdit:
+    node = request.node
+    sizes, as_tuple = _shape_arguments(node, 1)
+    for slot in request.mappings:
+        position = int(slot[3:])
+        if isinstance(sizes[position], int) and sizes[position] != -1:
+            sizes[position] = request.width(slot)
+    shape_args = (tuple(sizes),) if as_tuple else tuple(sizes)
+    return NodeEdit(args=(node.args[0],) + shape_args, weights="sizes rewritten")
+
+
+@register_space_rule("expand", "expand_as")
+def relate_expand(context: SpaceContext) -> None:
+    """Expand: dims that keep their size are the input's; broadcast ones are fresh."""
+    node, dims = _input(context)
+    shape = context.shape(context.node)
+    old = context.shape(node)
+    if dims is None or shape is None or old is None:
+        context.block_inputs("expand without recorded shapes")
+        return
+    offset = len(shape) - len(dims)
+    result = list(context.fresh_dims(shape[:offset]))
+    for i, space in enumerate(dims):
+        result.append(space if old[i] == shape[offset + i] else context.fresh(shape[offset + i]))
+    if context.node.target == "expand":
+        sizes, _ = _shape_arguments(context.node, 1)
+        for position, size in enumerate(sizes):
+            if isinstance(size, int) and size not in (-1, 1) and position >= offset:
+                context.member("shape", f"out{position}", result[position], f"size {size}", _rebuild_expand)
+    context.output(tuple(result))
+
+
+# --------------------------------------------------------------------------------- slicing
+
+
+def _slice_bounds(index: slice, size: int) -> tuple[int, int] | None:
+    if index.step not in (None, 1):
+        return None
+    if not all(bound is None or isinstance(bound, int) for bound in (index.start, index.stop)):
+        return None
+    start, stop, _ = index.indices(size)
+    return start, max(start, stop)
+
+
+def _rebuild_getitem(request: RebuildRequest) -> NodeEdit:
+    """Move slice bounds and int indices to where their parts now start and end."""
+    node = request.node
+    source, index = node.args
+    items = list(index) if isinstance(index, tuple) else [index]
+    slots = request.old_widths
+    for position, item in enumerate(items):
+        if f"part@{position}" not in slots:
+            continue
+        pre = request.width(f"pre@{position}") if f"pre@{position}" in slots else 0
+        part = request.width(f"part@{position}")
+        whole = request.width(f"whole@{position}")
+
+        def bound(old: int | None, new: int, *, stop: bool = False) -> int | None:
+            # Keep the caller's convention: a negative bound counts from the end.
+            if old is None:
+                return None
+            if old < 0:
+                return None if stop and new == whole else new - whole
+            return new
+
+        if isinstance(item, int):
+            items[position] = bound(item, pre)
+        else:
+            items[position] = slice(bound(item.start, pre), bound(item.stop, pre + part, stop=True), item.step)
+    new_index = tuple(items) if isinstance(index, tuple) else items[0]
+    if new_index == index:
+        return NodeEdit()
+    return NodeEdit(args=(source, new_index), weights=f"index {index!r} -> {new_index!r}")
+
+
+@register_space_rule(operator.getitem)
+def relate_getitem(context: SpaceContext) -> None:
+    """Indexing: a tuple's element, or tensor slices (a slice is a part of the sliced space)."""
+    source, index = context.node.args[0], context.node.args[1]
+    value = context.value(source)
+    if value is None:
+        return  # indexing a shape or another Python value
+    if isinstance(value, list) or (isinstance(value, tuple) and not all(isinstance(v, int) for v in value)):
+        if isinstance(index, int):
+            context.output(value[index])
+        else:
+            context.block_inputs("a non-constant index into a tuple of tensors")
+        return
+    dims = value
+    old = context.shape(source)
+    shape = context.shape(context.node)
+    items = list(index) if isinstance(index, tuple) else [index]
+    if old is None or any(isinstance(item, fx.Node) or isinstance(item, (list, torch.Tensor)) for item in items):
+        context.block_inputs("advanced indexing (by tensors or lists)")
+        return
+    if sum(item is Ellipsis for item in items) > 1:
+        context.block_inputs("several ellipses")
+        return
+    explicit = sum(1 for item in items if item is not None and item is not Ellipsis)
+    expanded: list[Any] = []
+    for item in items:
+        if item is Ellipsis:
+            expanded.extend([slice(None)] * (len(dims) - explicit))
+        else:
+            expanded.append(item)
+    expanded.extend([slice(None)] * (len(dims) - sum(1 for item in expanded if item is not None)))
+    # Slot names carry the position in the original index so the rebuild can rewrite it.
+    positions: list[int] = []
+    for position, item in enumerate(items):
+        if item is Ellipsis:
+            positions.extend([-1] * (len(dims) - explicit))
+        else:
+            positions.append(position)
+    positions.extend([-1] * (len(expanded) - len(positions)))
+    result: list[int] = []
+    dim = 0
+    for item, position in zip(expanded, positions):
+        if item is None:
+            result.append(context.fresh(1))
+            continue
+        space, size = dims[dim], old[dim]
+        dim += 1
+        if isinstance(item, slice):
+            bounds = _slice_bounds(item, size)
+            if bounds is None:
+                context.block(space, f"slice {item!r} with a step or computed bounds")
+                # The bounds may be nodes (read at run time): the recorded output gives the width.
+                result.append(context.fresh(shape[len(result)] if shape is not None else 1))
+                continue
+            start, stop = bounds
+            if (start, stop) == (0, size):
+                result.append(space)
+                continue
+            part = context.fresh(stop - start)
+            _slice_relation(context, space, size, start, stop, part, position, _rebuild_getitem)
+            result.append(part)
+        elif isinstance(item, int):
+            start = item % size
+            part = context.fresh(1)
+            _slice_relation(context, space, size, start, start + 1, part, position, _rebuild_getitem)
+        else:
+            context.block_inputs(f"index {item!r}")
+            return
+    context.output(tuple(result))
+
+
+def _slice_relation(
+    context: SpaceContext, space: int, size: int, start: int, stop: int, part: int, position: int, rebuild_fn: Any
+) -> None:
+    """``space`` is ``[pre][part][post]``; the node rewrites its bounds when they move."""
+    pieces = []
+    if start:
+        pre = context.fresh(start)
+        pieces.append(pre)
+        context.member("shape", f"pre@{position}", pre, "slice start", rebuild_fn)
+    pieces.append(part)
+    context.member("shape", f"part@{position}", part, "slice", rebuild_fn)
+    if stop < size:
+        post = context.fresh(size - stop)
+        pieces.append(post)
+        context.member("shape", f"post@{position}", post, "slice rest", rebuild_fn)
+    context.member("shape", f"whole@{position}", space, "sliced", rebuild_fn)
+    context.concat(space, pieces)
+
+
+def _rebuild_split(request: RebuildRequest) -> NodeEdit:
+    node = request.node
+    sizes = argument(node, 1, "split_size_or_sections" if node.op == "call_function" else "split_size")
+    widths = [request.width(f"part{i}") for i in range(len([s for s in request.old_widths if s.startswith("part")]))]
+    if isinstance(sizes, int):
+        new: Any = widths[0]  # the parts are equal (an equal concat)
+    else:
+        new = list(widths) if isinstance(sizes, list) else tuple(widths)
+    if new == sizes:
+        return NodeEdit()
+    args = list(node.args)
+    if len(args) > 1:
+        args[1] = new
+        return NodeEdit(args=tuple(args), weights=f"sizes {sizes!r} -> {new!r}")
+    key = "split_size_or_sections" if "split_size_or_sections" in node.kwargs else "split_size"
+    return NodeEdit(kwargs={**node.kwargs, key: new}, weights=f"sizes {sizes!r} -> {new!r}")
+
+
+def _split_parts(context: SpaceContext, sizes: list[int], dim: Any, equal: bool, rebuild_fn: Any) -> None:
+    _, dims = _input(context)
+    meta = context.node.meta.get("tensor_meta")
+    if dims is None or not isinstance(dim, int) or not isinstance(meta, (tuple, list)):
+        context.block_inputs("split of a non-tensor or along an unknown dim")
+        return
+    dim %= len(dims)
+    parts = [context.fresh(size) for size in sizes]
+    context.concat(dims[dim], parts, equal=equal)
+    if rebuild_fn is not None:
+        for i, part in enumerate(parts):
+            context.member("shape", f"part{i}", part, "split", rebuild_fn)
+    context.output([dims[:dim] + (part,) + dims[dim + 1 :] for part in parts])
+
+
+def _part_sizes(context: SpaceContext) -> list[int] | None:
+    meta = context.node.meta.get("tensor_meta")
+    dim = argument(context.node, 2, "dim", 0)
+    _, dims = _input(context)
+    if not isinstance(meta, (tuple, list)) or dims is None or not isinstance(dim, int):
+        return None
+    return [int(item.shape[dim % len(dims)]) for item in meta]
+
+
+@register_space_rule(torch.split, "split")
+def relate_split(context: SpaceContext) -> None:
+    """split: the parts of the split dim, side by side (an int size keeps the parts equal)."""
+    sizes = _part_sizes(context)
+    split = argument(context.node, 1, "split_size_or_sections" if context.node.op == "call_function" else "split_size")
+    if sizes is None or not isinstance(split, (int, list, tuple)):
+        context.block_inputs("split with computed sizes")
+        return
+    equal = isinstance(split, int) and len(set(sizes)) == 1
+    if isinstance(split, int) and not equal:
+        context.block_inputs("split by an int size into unequal parts")
+        return
+    _split_parts(context, sizes, argument(context.node, 2, "dim", 0), equal, _rebuild_split)
+
+
+@register_space_rule(torch.chunk, "chunk")
+def relate_chunk(context: SpaceContext) -> None:
+    """chunk: equal parts of the chunked dim (they must stay equal)."""
+    sizes = _part_sizes(context)
+    if sizes is None or len(set(sizes)) != 1:
+        context.block_inputs("chunk into unequal parts")
+        return
+    _split_parts(context, sizes, argument(context.node, 2, "dim", 0), True, None)
+
+
+# --------------------------------------------------------------------------------- reductions
+
+
+@register_space_rule(torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin")
+def relate_reduction(context: SpaceContext) -> None:
+    """Reductions drop (or keep at width 1) the reduced dims; a mean or max mixes the slots it reduces."""
+    _, dims = _input(context)
+    reduced_arg = argument(context.node, 1, "dim")
+    keepdim = bool(argument(context.node, 2, "keepdim", False))
+    if dims is None:
+        context.block_inputs("reduction of a non-tensor")
+        return
+    if reduced_arg is None:
+        reduced = set(range(len(dims)))
+    elif isinstance(reduced_arg, int):
+        reduced = {reduced_arg % len(dims)}
+    elif isinstance(reduced_arg, (tuple, list)) and all(isinstance(d, int) for d in reduced_arg):
+        reduced = {d % len(dims) for d in reduced_arg}
+    else:
+        context.block_inputs("reduction over computed dims")
+        return
+    name = getattr(context.node.target, "__name__", str(context.node.target))
+    if name != "sum":
+        for d in reduced:
+            context.member("normalizer", f"dim{d}", dims[d], f"{name} over the dim")
+    result = []
+    for d, space in enumerate(dims):
+        if d not in reduced:
+            result.append(space)
+        elif keepdim:
+            result.append(context.fresh(1))
+    context.output(tuple(result))
+
+
+# --------------------------------------------------------------------------------- padding
+
+
+@register_space_rule(F.pad)
+def relate_pad(context: SpaceContext) -> None:
+    """F.pad: a padded dim is ``[pre][input][post]``; other dims pass."""
+    _, dims = _input(context)
+    pads = argument(context.node, 1, "pad")
+    shape = context.shape(context.node)
+    if dims is None or shape is None or not isinstance(pads, (tuple, list)) or not all(isinstance(p, int) for p in pads):
+        context.block_inputs("pad with computed amounts")
+        return
+    result = list(dims)
+    for i in range(len(pads) // 2):
+        dim = len(dims) - 1 - i
+        before, after = pads[2 * i], pads[2 * i + 1]
+        if before == after == 0:
+            continue
+        if before < 0 or after < 0:
+            context.block(dims[dim], "negative padding crops the dim")
+            result[dim] = context.fresh(shape[dim])
+            continue
+        whole = context.fresh(shape[dim])
+        pieces = ([context.fresh(before)] if before else []) + [dims[dim]] + ([context.fresh(after)] if after else [])
+        context.concat(whole, pieces)
+        result[dim] = whole
+    context.output(tuple(result))
+
+
+# --------------------------------------------------------------------------------- parameters and functional layers
+
+
+def _fill_value(node: fx.Node) -> float:
+    """New slots of a parameter: 1 when every use multiplies or divides by it, else 0."""
+    multiplicative = {operator.mul, operator.imul, torch.mul, "mul", "mul_", operator.truediv, torch.div, "div"}
+    users = list(node.users)
+    if users and all(user.target in multiplicative for user in users if user.op != "output"):
+        # Divisor or factor: 1 leaves a new slot's values as they come.
+        return 1.0
+    return 0.0
+
+
+def _rebuild_get_attr(request: RebuildRequest) -> NodeEdit:
+    value = request.value
+    assert isinstance(value, torch.Tensor)
+    fills = request.analysis.fills if request.analysis is not None else {}
+    fill = fills[request.node] if request.node in fills else _fill_value(request.node)
+    new = value.detach()
+    accounts = []
+    for slot in sorted(request.mappings):
+        dim = int(slot[3:])
+        mapping = request.mapping(slot)
+        new = remap(new, dim, mapping, fill)
+        accounts.append(f"dim {dim}: " + _account(mapping, request.old_widths[slot], "slots", f"{fill:g}"))
+    return NodeEdit(tensor=new, weights="; ".join(accounts))
+
+
+def relate_get_attr(context: SpaceContext) -> None:
+    """A parameter or buffer read by ``get_attr``: its dims are fresh spaces, each a parameter slot."""
+    dims = context.output_fresh()
+    if isinstance(dims, tuple):
+        for position, space in enumerate(dims):
+            context.member("parameter", f"dim{position}", space, str(context.node.target), _rebuild_get_attr)
+    context.output(dims)
+
+
+def _set_fill(context: SpaceContext, node: Any, value: float) -> None:
+    """A functional layer knows the identity value of its parameters' new slots (weight 1, bias 0)."""
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        context.analysis.fills[node] = value
+
+
+def _no_op(request: RebuildRequest) -> NodeEdit:
+    return NodeEdit()
+
+
+@register_space_rule(F.linear)
+def relate_functional_linear(context: SpaceContext) -> None:
+    """F.linear(x, weight, bias): the weight's dims tie the input's last dim and the output's."""
+    _, dims = _input(context)
+    weight = context.dims(argument(context.node, 1, "weight"))
+    bias = context.dims(argument(context.node, 2, "bias"))
+    if dims is None or weight is None or len(weight) != 2:
+        context.block_inputs("F.linear with a weight that is not a recorded matrix")
+        return
+    context.same(dims[-1], weight[1])
+    if bias is not None:
+        context.same(weight[0], bias[0])
+    context.member("consumer", "in", dims[-1], "F.linear", _no_op)
+    context.member("producer", "out", weight[0], "F.linear", _no_op)
+    context.output(dims[:-1] + (weight[0],))
+
+
+@register_space_rule(*dict.fromkeys((F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)))
+def relate_functional_conv(context: SpaceContext) -> None:
+    """F.convNd(x, weight, bias, ..., groups=1): the weight's dims tie input and output channels."""
+    _, dims = _input(context)
+    weight = context.dims(argument(context.node, 1, "weight"))
+    bias = context.dims(argument(context.node, 2, "bias"))
+    groups = argument(context.node, 6, "groups", 1)
+    shape = context.shape(context.node)
+    if dims is None or weight is None or shape is None or groups != 1:
+        context.block_inputs("functional convolution with groups != 1 or unrecorded weights")
+        return
+    channel = len(dims) - (len(weight) - 2) - 1
+    context.same(dims[channel], weight[1])
+    if bias is not None:
+        context.same(weight[0], bias[0])
+    context.member("consumer", "in", dims[channel], "functional conv", _no_op)
+    context.member("producer", "out", weight[0], "functional conv", _no_op)
+    context.output(dims[:channel] + (weight[0],) + context.fresh_dims(shape[channel + 1 :]))
+
+
+@register_space_rule(F.batch_norm)
+def relate_functional_batch_norm(context: SpaceContext) -> None:
+    """F.batch_norm(x, running_mean, running_var, weight, bias, ...): all carry the channel dim."""
+    _, dims = _input(context)
+    if dims is None:
+        context.block_inputs("batch_norm of a non-tensor")
+        return
+    channels = dims[_channel_axis(len(dims))]
+    for position, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
+        node = argument(context.node, position, name)
+        tensor = context.dims(node)
+        if tensor is not None:
+            context.same(channels, tensor[0])
+            _set_fill(context, node, _IDENTITY_VALUES[name])
+    context.member("carrier", "channels", channels, "F.batch_norm", _no_op)
+    context.output(dims)
+
+
+def _rebuild_functional_layer_norm(request: RebuildRequest) -> NodeEdit:
+    node = request.node
+    shape = list(argument(node, 1, "normalized_shape"))
+    for slot in request.mappings:
+        shape[int(slot[4:])] = request.width(slot)
+    args = list(node.args)
+    if len(args) > 1:
+        args[1] = type(argument(node, 1, "normalized_shape"))(shape)
+        return NodeEdit(args=tuple(args), preserves_function=False, reason="layer_norm normalises across the resized dim")
+    return NodeEdit(
+        kwargs={**node.kwargs, "normalized_shape": tuple(shape)},
+        preserves_function=False,
+        reason="layer_norm normalises across the resized dim",
+    )
+
+
+@register_space_rule(F.layer_norm)
+def relate_functional_layer_norm(context: SpaceContext) -> None:
+    """F.layer_norm(x, normalized_shape, weight, bias): carries and mixes the normalised dims."""
+    _, dims = _input(context)
+    normalized = argument(context.node, 1, "normalized_shape")
+    if dims is None or not isinstance(normalized, (tuple, list)):
+        context.block_inputs("layer_norm with a computed shape")
+        return
+    count = len(normalized)
+    spaces = dims[len(dims) - count :]
+    for position, name in ((2, "weight"), (3, "bias")):
+        node = argument(context.node, position, name)
+        tensor = context.dims(node)
+        if tensor is not None and len(tensor) == count:
+            for first, second in zip(spaces, tensor):
+                context.same(first, second)
+            _set_fill(context, node, _IDENTITY_VALUES[name])
+    for position, space in enumerate(spaces):
+        if isinstance(normalized[position], int):
+            context.member("carrier", f"norm{position}", space, "F.layer_norm", _rebuild_functional_layer_norm)
+        context.member("normalizer", f"norm{position}", space, "layer_norm statistics")
+    context.output(dims)
+
+
+
+def _functional_group_norm_edit(request: RebuildRequest) -> NodeEdit:
+    # Nothing to rewrite (num_groups stays; the weight and bias are get_attr members of their own).
+    return NodeEdit(
+        preserves_function=False,
+        reason="group_norm normalises across the channels of a group: new channels change the statistics",
+    )
+
+
+@register_space_rule(F.group_norm)
+def relate_functional_group_norm(context: SpaceContext) -> None:
+    """F.group_norm(x, num_groups, weight, bias): carries the channels in ``num_groups`` equal blocks and mixes them."""
+    _, dims = _input(context)
+    groups = argument(context.node, 1, "num_groups")
+    shape = context.shape(context.node)
+    if dims is None or shape is None or len(dims) < 2 or not isinstance(groups, int) or groups < 1:
+        context.block_inputs("group_norm of a non-tensor or with a computed number of groups")
+        return
+    channels = dims[1]
+    for position, name in ((2, "weight"), (3, "bias")):
+        node = argument(context.node, position, name)
+        tensor = context.dims(node)
+        if tensor is not None and len(tensor) == 1:
+            context.same(channels, tensor[0])
+            _set_fill(context, node, _IDENTITY_VALUES[name])
+    if groups > 1:
+        context.concat(channels, [context.fresh(shape[1] // groups) for _ in range(groups)], equal=True)
+    context.member("carrier", "channels", channels, f"F.group_norm({groups} groups)", _functional_group_norm_edit)
+    context.member("normalizer", "channels", channels, "group_norm statistics")
+    context.output(dims)

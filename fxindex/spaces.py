@@ -1,0 +1,931 @@
+"""Channel spaces: which tensor dimensions must change width together.
+
+Every dimension of every tensor in a traced graph (with recorded shapes)
+belongs to a *space*. One topological pass over the graph asks each node's
+*relation rule* (see :mod:`fxindex.rules.spaces`) how the spaces of its output
+relate to those of its inputs, and records the answers in a union-find:
+
+* **same** (union): an elementwise join or broadcast (``a + b``, ``x * gate``),
+  a shape-preserving op (ReLU, pooling over other dims), a per-channel layer
+  that *carries* the space (BatchNorm, LayerNorm, PReLU, depthwise conv);
+* **concat**: ``cat`` along the dim builds a whole from its parts;
+  ``split``/``chunk``/a ``getitem`` slice cut a whole into parts (the parts of
+  ``chunk`` and of a grouped convolution must stay equal);
+* **product**: ``flatten``/``view``/``reshape`` merge dims into one (the
+  feature space of ``flatten(C, H, W)`` is C-major blocks of ``H*W``) or split
+  one into several;
+* **fresh**: a Linear or Conv *reads* one space and *writes* a new one.
+
+Each rule also states the node's *members*: the roles it plays for a space
+(producer, consumer, carrier, parameter, join, a shape constant to rewrite)
+and, for resizing, how to rebuild the node for a slot mapping. An op that has
+no rule *blocks* the spaces of its inputs: they cannot be resized, and the
+group says which node blocks them and why (fxindex never guesses).
+
+The pass is linear in the number of nodes. Its result is cached per graph and
+recomputed when the graph, a called module or the recorded shapes change
+(the check compares one tuple per node, which is also linear but far cheaper
+than the pass).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+from torch import fx, nn
+
+from fxindex.errors import EditError, PropagationError, ShapesRequiredError
+from fxindex.shapes import TensorMetadata, shapes_recorded
+
+__all__ = [
+    "SlotMapping",
+    "Dims",
+    "Member",
+    "Concat",
+    "Product",
+    "Block",
+    "NodeEdit",
+    "RebuildRequest",
+    "SpaceContext",
+    "SpaceAnalysis",
+    "register_space_rule",
+    "find_space_rule",
+    "analyze",
+    "has_shapes",
+    "describe_node",
+]
+
+SlotMapping = tuple[Union[int, None], ...]
+"""For each new position along a dimension, the old position it carries (``None``: a new slot)."""
+
+Dims = tuple[int, ...]
+"""The space id of each dimension of one tensor."""
+
+Value = Union[Dims, list, tuple, None]
+"""What a node holds: ``Dims`` for a tensor, a list/tuple of values, ``None`` for a non-tensor."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One role a node plays for one space.
+
+    Attributes:
+        node: the fx node.
+        role: ``"producer"`` (writes the space fresh: Linear/Conv outputs),
+            ``"consumer"`` (reads it and writes another: Linear/Conv inputs),
+            ``"carrier"`` (per-channel weights along it: BatchNorm, PReLU,
+            depthwise conv), ``"parameter"`` (a ``get_attr`` tensor along it),
+            ``"join"`` (an elementwise op or ``cat`` that ties spaces),
+            ``"shape"`` (a shape constant or slice bound that follows its width),
+            ``"normalizer"`` (mixes values across it: LayerNorm, GroupNorm,
+            softmax, a mean; new slots change old values) or ``"output"``
+            (the graph returns it).
+        slot: which slot of the node (``"in"``, ``"out"``, ``"channels"``,
+            ``"dim1"``...), the key of the mapping its rebuild receives.
+        space: the space id.
+        detail: a short description for tables.
+    """
+
+    node: fx.Node
+    role: str
+    slot: str
+    space: int
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Concat:
+    """``whole`` is its ``parts`` side by side (``cat``, ``split``, a slice, a grouped conv's blocks).
+
+    Attributes:
+        node: the node that states the relation.
+        whole: space id of the whole.
+        parts: space ids of the parts, in order.
+        equal: the parts must keep equal widths (``chunk``, grouped conv).
+    """
+
+    node: fx.Node
+    whole: int
+    parts: tuple[int, ...]
+    equal: bool = False
+
+
+@dataclass(frozen=True)
+class Product:
+    """``whole`` is the row-major product of ``factors`` (``flatten``, ``view``).
+
+    Attributes:
+        node: the node that states the relation.
+        whole: space id of the merged dimension.
+        factors: space ids of the merged dimensions, outermost first.
+    """
+
+    node: fx.Node
+    whole: int
+    factors: tuple[int, ...]
+
+
+Relation = Union[Concat, Product]
+
+
+@dataclass(frozen=True)
+class Block:
+    """Why a space cannot be resized.
+
+    Attributes:
+        node: name of the fx node that blocks it.
+        op: what the node does (``call_module attn``, ``torch.roll``...).
+        reason: why.
+    """
+
+    node: str
+    op: str
+    reason: str
+
+
+@dataclass
+class NodeEdit:
+    """What a rebuild decided for one node.
+
+    Attributes:
+        module: a rebuilt module to call instead of the old one.
+        args: rewritten positional arguments (``None`` keeps them).
+        kwargs: rewritten keyword arguments (``None`` keeps them).
+        tensor: the new value of a ``get_attr`` parameter or buffer.
+        weights: a short account of which weights were kept, sliced or new.
+        preserves_function: ``False`` when new slots alter old values here.
+        reason: why the function is not preserved, when it is not.
+    """
+
+    module: nn.Module | None = None
+    args: tuple[Any, ...] | None = None
+    kwargs: dict[str, Any] | None = None
+    tensor: torch.Tensor | None = None
+    weights: str = ""
+    preserves_function: bool = True
+    reason: str = ""
+
+
+@dataclass
+class RebuildRequest:
+    """What a rebuild sees: one node and the new slot mapping of each of its changed slots.
+
+    Attributes:
+        node: the node to rebuild.
+        module: its module (``call_module``), else ``None``.
+        value: the tensor a ``get_attr`` node reads, else ``None``.
+        mappings: slot name -> mapping, for the slots whose space changes.
+        old_widths: slot name -> old width, for every slot of the node.
+        analysis: the analysis the request comes from (rules keep hints there).
+    """
+
+    node: fx.Node
+    module: nn.Module | None
+    value: Any
+    mappings: dict[str, SlotMapping]
+    old_widths: dict[str, int]
+    analysis: Any = None
+
+    def changed(self, slot: str) -> bool:
+        """Whether ``slot``'s space changes."""
+        return slot in self.mappings
+
+    def mapping(self, slot: str) -> SlotMapping:
+        """The mapping of ``slot``: its change, or the identity of its old width."""
+        if slot in self.mappings:
+            return self.mappings[slot]
+        return tuple(range(self.old_widths[slot]))
+
+    def width(self, slot: str) -> int:
+        """The new width of ``slot``."""
+        return len(self.mapping(slot))
+
+
+Rebuilder = Callable[[RebuildRequest], NodeEdit]
+
+
+def describe_node(node: fx.Node) -> str:
+    """A short human name of what a node does: ``call_module layer1.0.conv1``, ``operator.add``."""
+    from fxindex.rules.registry import describe_target
+
+    return describe_target(node)
+
+
+# ------------------------------------------------------------------------------- the registry
+
+RelationRule = Callable[["SpaceContext"], None]
+_SPACE_RULES: dict[Any, RelationRule] = {}
+
+
+def register_space_rule(*keys: type | Callable[..., Any] | str, replace: bool = False) -> Callable[[RelationRule], RelationRule]:
+    """Register the relation rule of module types, functions or method names.
+
+    Looked up like the propagation rules: a module type along the MRO (so
+    subclasses of torch.nn layers inherit their rule), a function by identity
+    (``torch.cat``, ``operator.add``), a method by name (``"view"``).
+
+    Args:
+        *keys: module classes, callables or method names.
+        replace: allow overriding an existing rule (refused by default).
+
+    Returns:
+        A decorator that registers the function and returns it unchanged.
+
+    Raises:
+        TypeError: no keys, or a key that is none of these.
+        ValueError: a key already has a rule and ``replace`` is false.
+    """
+    if not keys:
+        raise TypeError("register_space_rule needs at least one module type, function or method name")
+
+    def decorate(rule: RelationRule) -> RelationRule:
+        for key in keys:
+            if not (isinstance(key, str) or callable(key)):
+                raise TypeError(f"a space rule key is a module type, a function or a method name, got {key!r}")
+            if key in _SPACE_RULES and not replace:
+                name = key if isinstance(key, str) else getattr(key, "__qualname__", repr(key))
+                raise ValueError(
+                    f"a space rule for {name} is already registered ({_SPACE_RULES[key].__name__}); "
+                    "pass replace=True to override it"
+                )
+            _SPACE_RULES[key] = rule
+        return rule
+
+    return decorate
+
+
+def find_space_rule(node: fx.Node, module: nn.Module | None) -> RelationRule | None:
+    """The relation rule of ``node``: by its module's MRO, its function or its method name."""
+    if node.op == "call_module":
+        for cls in type(module).__mro__:
+            if cls in _SPACE_RULES:
+                return _SPACE_RULES[cls]
+        return None
+    if node.op in ("call_function", "call_method"):
+        try:
+            return _SPACE_RULES.get(node.target)
+        except TypeError:  # an unhashable target
+            return None
+    return None
+
+
+# ------------------------------------------------------------------------------- the context
+
+
+class SpaceContext:
+    """What a relation rule sees and how it states relations: one node of the pass.
+
+    A rule reads its inputs' dims with :meth:`dims`, creates spaces with
+    :meth:`fresh`, relates them with :meth:`same`, :meth:`concat` and
+    :meth:`product`, names its roles with :meth:`member` and finally sets the
+    node's own dims with :meth:`output`. Anything it cannot relate, it
+    :meth:`block`\\ s.
+    """
+
+    def __init__(self, analysis: SpaceAnalysis, node: fx.Node, module: nn.Module | None):
+        self.analysis = analysis
+        self.node = node
+        self.module = module
+        self._output: Value = None
+        self._output_set = False
+
+    # -- reading -----------------------------------------------------------------------
+    def value(self, argument: Any) -> Value:
+        """What an argument holds: dims for a tensor node, nested for tuples, ``None`` otherwise."""
+        if isinstance(argument, fx.Node):
+            return self.analysis.values.get(argument)
+        return None
+
+    def dims(self, argument: Any) -> Dims | None:
+        """The dims of a tensor argument, or ``None`` when it is not one tensor."""
+        value = self.value(argument)
+        if isinstance(value, tuple) and all(isinstance(item, int) for item in value):
+            return value
+        return None
+
+    def shape(self, argument: Any) -> tuple[int, ...] | None:
+        """The recorded shape of a tensor node (``self.node`` for the node itself)."""
+        if isinstance(argument, fx.Node):
+            meta = argument.meta.get("tensor_meta")
+            if isinstance(meta, TensorMetadata):
+                return tuple(int(size) for size in meta.shape)
+        return None
+
+    def width(self, space: int) -> int:
+        return self.analysis.width(space)
+
+    @property
+    def op(self) -> str:
+        return describe_node(self.node)
+
+    # -- relating ----------------------------------------------------------------------
+    def fresh(self, size: int) -> int:
+        """A new space of width ``size``."""
+        return self.analysis.new_space(size)
+
+    def fresh_dims(self, shape: Sequence[int]) -> Dims:
+        return tuple(self.fresh(int(size)) for size in shape)
+
+    def same(self, first: int, second: int) -> None:
+        """``first`` and ``second`` are one space (they must have the same width)."""
+        self.analysis.unify(first, second, self.node)
+
+    def concat(self, whole: int, parts: Sequence[int], *, equal: bool = False) -> None:
+        """``whole`` is ``parts`` side by side (widths must add up)."""
+        parts = tuple(parts)
+        if sum(self.width(part) for part in parts) != self.width(whole):
+            self.block([whole, *parts], "the parts' widths do not add up to the whole's")
+            return
+        if len(parts) == 1 and not equal:
+            self.same(whole, parts[0])
+            return
+        self.analysis.add_relation(Concat(self.node, whole, parts, equal))
+
+    def product(self, whole: int, factors: Sequence[int]) -> None:
+        """``whole`` is the row-major product of ``factors`` (widths must multiply up)."""
+        factors = tuple(factors)
+        if math.prod(self.width(f) for f in factors) != self.width(whole):
+            self.block([whole, *factors], "the merged widths do not multiply up to the result's")
+            return
+        wide = [f for f in factors if self.width(f) != 1]
+        if len(wide) <= 1:
+            # Only one factor wider than 1: the merge is the identity on it.
+            if wide:
+                self.same(whole, wide[0])
+            return
+        self.analysis.add_relation(Product(self.node, whole, factors))
+
+    def member(self, role: str, slot: str, space: int, detail: str = "", rebuild: Rebuilder | None = None) -> None:
+        """Record that this node plays ``role`` for ``space`` through ``slot``.
+
+        Args:
+            role: see :class:`Member`.
+            slot: the key under which the rebuild receives this space's mapping.
+            space: the space id.
+            detail: a short description for the group's table.
+            rebuild: how to rebuild this node for new mappings (one per node:
+                every slot of a node shares it).
+        """
+        self.analysis.add_member(Member(self.node, role, slot, space, detail), rebuild)
+
+    def block(self, spaces: Iterable[int] | int, reason: str) -> None:
+        """Mark spaces as not resizable because of this node."""
+        if isinstance(spaces, int):
+            spaces = [spaces]
+        for space in spaces:
+            self.analysis.block(space, Block(self.node.name, self.op, reason))
+
+    def block_inputs(self, reason: str) -> None:
+        """Block every dim of every tensor input (an op fxindex cannot relate)."""
+        for argument in self.node.all_input_nodes:
+            for space in _flat_spaces(self.value(argument)):
+                self.analysis.block(space, Block(self.node.name, self.op, reason))
+
+    def output(self, value: Value) -> None:
+        """Set what this node holds."""
+        self._output = value
+        self._output_set = True
+
+    def output_fresh(self) -> Value:
+        """Fresh spaces for every tensor the node returns (from its recorded shapes)."""
+        return self.analysis.fresh_value(self.node.meta.get("tensor_meta"))
+
+
+def _flat_spaces(value: Value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, tuple) and all(isinstance(item, int) for item in value):
+        return list(value)
+    spaces: list[int] = []
+    for item in value:
+        spaces.extend(_flat_spaces(item))
+    return spaces
+
+
+# ------------------------------------------------------------------------------- the analysis
+
+
+def has_shapes(graph_module: fx.GraphModule) -> bool:
+    """Whether shapes are recorded: every placeholder carries ``tensor_meta`` or was not given.
+
+    A placeholder marked ``fxindex_not_given`` (see
+    :func:`fxindex.shapes.shapes_recorded`) is an optional argument that the
+    example inputs left out (not a tensor); a graph with no placeholder at all
+    counts as recorded.
+
+    Args:
+        graph_module: a traced module.
+
+    Returns:
+        True when the analysis has every input shape it needs.
+    """
+    return shapes_recorded(graph_module.graph)
+
+
+class SpaceAnalysis:
+    """The channel spaces of one graph: a union-find, relations and members.
+
+    Build it with :func:`analyze`. Space ids are ints; :meth:`find` gives a
+    space's class (its root). Read-only once built.
+
+    Attributes:
+        graph_module: the analysed module.
+        values: node -> what it holds (:data:`Value`).
+        members: every :class:`Member`, in graph order.
+        relations: every :class:`Concat` and :class:`Product`.
+        rebuilders: node -> its rebuild function.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule):
+        self.graph_module = graph_module
+        self._parent: list[int] = []
+        self._width: list[int] = []
+        self._rank: list[int] = []
+        self._blocks: dict[int, Block] = {}
+        self.values: dict[fx.Node, Value] = {}
+        self.members: list[Member] = []
+        self.relations: list[Relation] = []
+        self.rebuilders: dict[fx.Node, Rebuilder] = {}
+        # Values for new slots of get_attr tensors, set by the functional layer reading them.
+        self.fills: dict[fx.Node, float] = {}
+        self._members_by_root: dict[int, list[Member]] | None = None
+        self._members_by_node: dict[fx.Node, list[Member]] | None = None
+        self._relations_by_root: dict[int, list[int]] | None = None
+
+    # -- union-find --------------------------------------------------------------------
+    def new_space(self, width: int) -> int:
+        self._parent.append(len(self._parent))
+        self._width.append(int(width))
+        self._rank.append(0)
+        return len(self._parent) - 1
+
+    def find(self, space: int) -> int:
+        """The root of ``space``'s class (path halving: near-constant amortised)."""
+        parent = self._parent
+        while parent[space] != space:
+            parent[space] = parent[parent[space]]
+            space = parent[space]
+        return space
+
+    def width(self, space: int) -> int:
+        return self._width[self.find(space)]
+
+    def unify(self, first: int, second: int, node: fx.Node) -> None:
+        a, b = self.find(first), self.find(second)
+        if a == b:
+            return
+        if self._width[a] != self._width[b]:
+            # A rule asked to tie spaces of different widths: never guess, block both.
+            block = Block(node.name, describe_node(node), f"ties widths {self._width[a]} and {self._width[b]}")
+            self.block(a, block)
+            self.block(b, block)
+            return
+        if self._rank[a] < self._rank[b]:
+            a, b = b, a
+        self._parent[b] = a
+        if self._rank[a] == self._rank[b]:
+            self._rank[a] += 1
+        if b in self._blocks:
+            self._blocks.setdefault(a, self._blocks.pop(b))
+
+    def block(self, space: int, block: Block) -> None:
+        self._blocks.setdefault(self.find(space), block)
+
+    def blocked(self, space: int) -> Block | None:
+        """Why ``space``'s class cannot be resized, or ``None``."""
+        return self._blocks.get(self.find(space))
+
+    # -- recording ---------------------------------------------------------------------
+    def add_relation(self, relation: Relation) -> None:
+        self.relations.append(relation)
+
+    def add_member(self, member: Member, rebuild: Rebuilder | None) -> None:
+        self.members.append(member)
+        if rebuild is not None:
+            self.rebuilders.setdefault(member.node, rebuild)
+
+    def fresh_value(self, meta: Any) -> Value:
+        if isinstance(meta, TensorMetadata):
+            return tuple(self.new_space(int(size)) for size in meta.shape)
+        if isinstance(meta, (tuple, list)):
+            return [self.fresh_value(item) for item in meta]
+        return None
+
+    # -- the pass ----------------------------------------------------------------------
+    def run(self) -> SpaceAnalysis:
+        modules = dict(self.graph_module.named_modules())
+        for node in self.graph_module.graph.nodes:
+            module = modules.get(node.target) if node.op == "call_module" else None
+            context = SpaceContext(self, node, module)
+            rule = find_space_rule(node, module)
+            if node.op in ("placeholder", "get_attr", "output"):
+                rule = _STRUCTURAL[node.op]
+            if rule is None:
+                _no_rule(context)
+            else:
+                rule(context)
+            if not context._output_set:
+                context.output(context.output_fresh())
+            self.values[node] = context._output
+        self._index()
+        return self
+
+    def _index(self) -> None:
+        members: dict[int, list[Member]] = defaultdict(list)
+        for member in self.members:
+            members[self.find(member.space)].append(member)
+        relations: dict[int, list[int]] = defaultdict(list)
+        for position, relation in enumerate(self.relations):
+            spaces = (relation.whole, *(relation.parts if isinstance(relation, Concat) else relation.factors))
+            for root in dict.fromkeys(self.find(space) for space in spaces):
+                relations[root].append(position)
+        self._members_by_root = dict(members)
+        self._relations_by_root = dict(relations)
+
+    # -- queries -----------------------------------------------------------------------
+    def members_of(self, root: int) -> list[Member]:
+        assert self._members_by_root is not None
+        return self._members_by_root.get(root, [])
+
+    def relations_of(self, root: int) -> list[Relation]:
+        assert self._relations_by_root is not None
+        return [self.relations[i] for i in self._relations_by_root.get(root, [])]
+
+    def output_space(self, node: fx.Node) -> int | None:
+        """The space a layer writes its channels into: its producer or carrier slot."""
+        for role in ("producer", "carrier"):
+            for member in self._node_members(node):
+                if member.role == role:
+                    return member.space
+        return None
+
+    def _node_members(self, node: fx.Node) -> list[Member]:
+        if self._members_by_node is None:
+            index: dict[fx.Node, list[Member]] = defaultdict(list)
+            for member in self.members:
+                index[member.node].append(member)
+            self._members_by_node = dict(index)
+        return self._members_by_node.get(node, [])
+
+    def node_members(self, node: fx.Node) -> list[Member]:
+        """Every member record of ``node``."""
+        return list(self._node_members(node))
+
+    def closure(self, root: int) -> tuple[list[int], Block | None]:
+        """The classes that may change when ``root``'s class changes, and what blocks them.
+
+        A part's change changes its whole (but not the whole's other parts);
+        a whole changed otherwise may change every part. A merged (product)
+        dimension follows its factors; one changed with no factor changing
+        cannot be split back, which blocks the group.
+
+        Returns:
+            The roots in visiting order (``root`` first) and the first block found.
+        """
+        root = self.find(root)
+        order: list[int] = []
+        excluded: dict[int, frozenset[int] | None] = {}
+        queue: deque[tuple[int, int | None]] = deque([(root, None)])
+        while queue:
+            current, via = queue.popleft()
+            exclude = frozenset() if via is None else frozenset({via})
+            if current in excluded:
+                previous = excluded[current]
+                narrowed = previous & exclude if previous is not None else exclude
+                if narrowed == previous:
+                    continue
+                excluded[current] = narrowed
+            else:
+                excluded[current] = exclude
+                order.append(current)
+            assert self._relations_by_root is not None
+            for position in self._relations_by_root.get(current, []):
+                if position in exclude:
+                    continue
+                relation = self.relations[position]
+                whole = self.find(relation.whole)
+                if isinstance(relation, Concat):
+                    parts = [self.find(part) for part in relation.parts]
+                    if current in parts and current != whole:
+                        queue.append((whole, position))
+                    else:
+                        queue.extend((part, position) for part in parts)
+                elif current != whole:
+                    queue.append((whole, position))
+        block = None
+        for current in order:
+            block = self.blocked(current)
+            if block is not None:
+                break
+        if block is None:
+            reached = set(order)
+            for current in order:
+                for relation in self.relations_of(current):
+                    if isinstance(relation, Product) and self.find(relation.whole) == current:
+                        if not any(self.find(factor) in reached for factor in relation.factors):
+                            block = _product_block(relation, self)
+                            break
+                if block is not None:
+                    break
+        return order, block
+
+
+def _product_block(relation: Product, analysis: SpaceAnalysis) -> Block:
+    widths = "x".join(str(analysis.width(factor)) for factor in relation.factors)
+    return Block(
+        relation.node.name,
+        describe_node(relation.node),
+        f"reshapes the dimension of width {analysis.width(relation.whole)} into {widths}: fxindex cannot tell "
+        "how a new width splits across the factors",
+    )
+
+
+def _no_rule(context: SpaceContext) -> None:
+    """An op without a relation rule: block what it reads, write fresh spaces."""
+    if any(_flat_spaces(context.value(argument)) for argument in context.node.all_input_nodes):
+        what = "module type " + type(context.module).__name__ if context.module is not None else context.op
+        context.block_inputs(
+            f"no channel-space rule for {what}; teach fxindex with fxindex.spaces.register_space_rule"
+        )
+    context.output(context.output_fresh())
+
+
+_STRUCTURAL: dict[str, RelationRule] = {}
+
+
+def _structural(op: str) -> Callable[[RelationRule], RelationRule]:
+    def decorate(rule: RelationRule) -> RelationRule:
+        _STRUCTURAL[op] = rule
+        return rule
+
+    return decorate
+
+
+@_structural("placeholder")
+def _placeholder(context: SpaceContext) -> None:
+    context.output(context.output_fresh())
+
+
+@_structural("output")
+def _output(context: SpaceContext) -> None:
+    for argument in context.node.all_input_nodes:
+        for space in _flat_spaces(context.value(argument)):
+            context.member("output", f"{argument.name}", space, "the model returns it")
+    context.output(None)
+
+
+@_structural("get_attr")
+def _get_attr(context: SpaceContext) -> None:
+    # The parameter's own rule lives with the other rules (it rebuilds the tensor).
+    from fxindex.rules.spaces import relate_get_attr
+
+    relate_get_attr(context)
+
+
+# ------------------------------------------------------------------------------- caching
+
+# The cache lives on the Graph object itself: a WeakKeyDictionary keyed by the graph would never
+# free it, since the cached fingerprint holds the graph's nodes and they hold the graph.
+# Deep copies and unpickled modules get new Graph objects, so they start without it.
+_CACHE_ATTRIBUTE = "_fxindex_spaces"
+
+
+def _fingerprint(graph_module: fx.GraphModule) -> list[tuple[Any, ...]]:
+    """What the analysis depends on, per node: the node, its target and arguments, shapes, the called module or tensor."""
+    fingerprint: list[tuple[Any, ...]] = [(id(graph_module),)]
+    for node in graph_module.graph.nodes:
+        held: Any = None
+        if node.op in ("call_module", "get_attr"):
+            try:
+                held = id(_fetch(graph_module, str(node.target)))
+            except AttributeError:
+                held = None
+        fingerprint.append((node, node.op, node.target, node.args, node.kwargs, id(node.meta.get("tensor_meta")), held))
+    return fingerprint
+
+
+def _fetch(graph_module: fx.GraphModule, target: str) -> Any:
+    value: Any = graph_module
+    for atom in target.split("."):
+        value = getattr(value, atom)
+    return value
+
+
+def analyze(graph_module: fx.GraphModule) -> SpaceAnalysis:
+    """The channel spaces of ``graph_module``'s graph (cached until the graph changes).
+
+    The cache is kept on the graph and checked against one tuple per node
+    (the node, its target and arguments, its recorded shapes, the module or
+    tensor it reads), so an edit, a swapped layer or new shapes recompute
+    it. Changing a layer's attributes in place (``conv.groups = 2``) is not
+    seen: call :func:`SpaceAnalysis` ``(gm).run()`` directly after that.
+
+    Args:
+        graph_module: a traced module with recorded shapes.
+
+    Returns:
+        The :class:`SpaceAnalysis`.
+
+    Raises:
+        ShapesRequiredError: no shapes are recorded.
+    """
+    if not has_shapes(graph_module):
+        raise ShapesRequiredError(
+            "channel groups need tensor shapes: pass example_inputs=(...), or trace with "
+            "fxindex.trace(model, example_inputs=...)"
+        )
+    import fxindex.rules.spaces  # noqa: F401  (registers the relation rules)
+
+    fingerprint = _fingerprint(graph_module)
+    graph = graph_module.graph
+    cached = getattr(graph, _CACHE_ATTRIBUTE, None)
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
+    analysis = SpaceAnalysis(graph_module).run()
+    setattr(graph, _CACHE_ATTRIBUTE, (fingerprint, analysis))
+    return analysis
+
+
+# ------------------------------------------------------------------------------- slot mappings
+
+
+def identity(width: int) -> SlotMapping:
+    return tuple(range(width))
+
+
+def is_identity(mapping: SlotMapping, width: int) -> bool:
+    return len(mapping) == width and all(slot == position for position, slot in enumerate(mapping))
+
+
+def equal_blocks_of(analysis: SpaceAnalysis, root: int) -> int:
+    """The number of equal blocks ``root``'s class must keep (1 when none): the largest such constraint."""
+    blocks = 1
+    for relation in analysis.relations_of(root):
+        if isinstance(relation, Concat) and relation.equal and analysis.find(relation.whole) == root:
+            blocks = math.lcm(blocks, len(relation.parts))
+    return blocks
+
+
+def default_mapping(old: int, new: int, blocks: int = 1) -> SlotMapping:
+    """Widening appends new slots, narrowing keeps the first ones; per block when ``blocks > 1``."""
+    if blocks == 1:
+        return tuple(j if j < old else None for j in range(new))
+    old_block, new_block = old // blocks, new // blocks
+    return tuple(
+        b * old_block + j if j < old_block else None for b in range(blocks) for j in range(new_block)
+    )
+
+
+def widths_that_work(old: int, blocks: int) -> str:
+    examples = [old + k * blocks for k in (-2, -1, 1, 2) if old + k * blocks > 0]
+    return f"a multiple of {blocks} (e.g. {', '.join(map(str, examples))})"
+
+
+class _Solver:
+    """Propagates one class's new mapping through concat and product relations."""
+
+    def __init__(self, analysis: SpaceAnalysis):
+        self.analysis = analysis
+        self.maps: dict[int, SlotMapping] = {}
+
+    def known(self, space: int) -> SlotMapping | None:
+        return self.maps.get(self.analysis.find(space))
+
+    def current(self, space: int) -> SlotMapping:
+        mapping = self.known(space)
+        return mapping if mapping is not None else identity(self.analysis.width(space))
+
+    def solve(self, root: int, mapping: SlotMapping) -> dict[int, SlotMapping]:
+        root = self.analysis.find(root)
+        self.maps[root] = mapping
+        queue = deque([root])
+        while queue:
+            current = queue.popleft()
+            for relation in self.analysis.relations_of(current):
+                derived = self.derive(relation)
+                for space, new in derived.items():
+                    target = self.analysis.find(space)
+                    if target in self.maps:
+                        if self.maps[target] != new:
+                            raise PropagationError(
+                                f"node '{relation.node.name}' ({describe_node(relation.node)}) would need two different "
+                                f"slot mappings for one space of width {self.analysis.width(target)}: the resize is "
+                                "not consistent across it (a chunk whose halves are joined, or keep= that differs "
+                                "between blocks)",
+                                relation.node.name,
+                            )
+                        continue
+                    self.maps[target] = new
+                    # An unchanged class is remembered (to catch a later conflict) but not followed.
+                    if not is_identity(new, self.analysis.width(target)):
+                        queue.append(target)
+        return {
+            root: mapping
+            for root, mapping in self.maps.items()
+            if not is_identity(mapping, self.analysis.width(root))
+        }
+
+    def derive(self, relation: Relation) -> dict[int, SlotMapping]:
+        if isinstance(relation, Concat):
+            return self.derive_concat(relation)
+        return self.derive_product(relation)
+
+    def derive_concat(self, relation: Concat) -> dict[int, SlotMapping]:
+        whole = self.known(relation.whole)
+        if whole is None:
+            if not any(self.known(part) is not None for part in relation.parts):
+                return {}
+            composed: list[int | None] = []
+            offset = 0
+            for part in relation.parts:
+                composed.extend(None if slot is None else offset + slot for slot in self.current(part))
+                offset += self.analysis.width(part)
+            return {relation.whole: tuple(composed)}
+        return self.decompose(relation, whole)
+
+    def decompose(self, relation: Concat, whole: SlotMapping) -> dict[int, SlotMapping]:
+        """Cut the whole's mapping into its parts' mappings (each part's slots must stay together)."""
+        widths = [self.analysis.width(part) for part in relation.parts]
+        starts = [sum(widths[:i]) for i in range(len(widths))]
+        owners: list[int] = []
+        for slot in whole:
+            if slot is None:
+                owners.append(owners[-1] if owners else 0)
+            else:
+                owners.append(next(i for i in range(len(widths)) if starts[i] <= slot < starts[i] + widths[i]))
+        if relation.equal:
+            # New slots are spread evenly over the blocks: slot j belongs to block j // (new width / blocks).
+            count = len(relation.parts)
+            if len(whole) % count:
+                raise EditError(
+                    f"node '{relation.node.name}' ({describe_node(relation.node)}) splits a width of "
+                    f"{self.analysis.width(relation.whole)} into {count} equal blocks: the new width {len(whole)} "
+                    f"is not {widths_that_work(self.analysis.width(relation.whole), count)}"
+                )
+            size = len(whole) // count
+            expected = [j // size for j in range(len(whole))]
+            bad = [j for j, (owner, slot) in enumerate(zip(owners, whole)) if slot is not None and owner != expected[j]]
+            if bad:
+                raise EditError(
+                    f"node '{relation.node.name}' ({describe_node(relation.node)}) splits a width of "
+                    f"{self.analysis.width(relation.whole)} into {count} equal blocks of {widths[0]}: new slots "
+                    f"{bad[:8]} would take channels from another block; keep= must keep the same number of channels "
+                    f"in each block ({size} per block here), in block order"
+                )
+            owners = expected
+        if any(later < earlier for earlier, later in zip(owners, owners[1:])):
+            raise PropagationError(
+                f"node '{relation.node.name}' ({describe_node(relation.node)}) joins parts along the resized "
+                "dimension: the new order would interleave channels of different parts",
+                relation.node.name,
+            )
+        derived: dict[int, SlotMapping] = {}
+        for i, part in enumerate(relation.parts):
+            mapping = tuple(None if slot is None else slot - starts[i] for slot, owner in zip(whole, owners) if owner == i)
+            if not mapping:
+                raise EditError(
+                    f"node '{relation.node.name}' ({describe_node(relation.node)}): part {i} (width {widths[i]}) of "
+                    "the resized dimension would keep no channel; keep at least one channel of each part"
+                )
+            if part in derived and derived[part] != mapping:
+                raise PropagationError(
+                    f"node '{relation.node.name}' ({describe_node(relation.node)}): two parts of one space would "
+                    "change differently",
+                    relation.node.name,
+                )
+            derived[part] = mapping
+        return derived
+
+    def derive_product(self, relation: Product) -> dict[int, SlotMapping]:
+        factors = [self.known(factor) for factor in relation.factors]
+        if all(mapping is None for mapping in factors):
+            if self.known(relation.whole) is not None:
+                block = _product_block(relation, self.analysis)
+                raise PropagationError(f"node '{block.node}' ({block.op}) {block.reason}", block.node)
+            return {}
+        mappings = [self.current(factor) for factor in relation.factors]
+        old_widths = [self.analysis.width(factor) for factor in relation.factors]
+        result: list[int | None] = [0]
+        for mapping, old_width in zip(mappings, old_widths):
+            result = [
+                None if outer is None or slot is None else outer * old_width + slot
+                for outer in result
+                for slot in mapping
+            ]
+        return {relation.whole: tuple(result)}
+
+
+def solve(analysis: SpaceAnalysis, root: int, mapping: SlotMapping) -> dict[int, SlotMapping]:
+    """Every class that changes when ``root``'s class takes ``mapping``, with its mapping.
+
+    Raises:
+        PropagationError: the change is inconsistent or meets a reshape it
+            cannot be carried through.
+        EditError: equal blocks (chunk, grouped conv) would become unequal.
+    """
+    return _Solver(analysis).solve(root, mapping)

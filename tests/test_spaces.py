@@ -1,0 +1,484 @@
+"""Channel-space analysis and coupled groups (fxindex.spaces, fxindex.group) on small hand-built models.
+
+Each model exercises one relation rule: a residual add (with and without a
+downsample), a squeeze-excite gate, a GLU gate (chunk), a layer-scale
+parameter, a class token and a position embedding, a cat inside a residual, a
+getitem slice, split, a grouped and a depthwise convolution, a BatchNorm
+subclass (as a leaf, and a functional batch_norm), and torchvision's
+resnet18. The assertions name the exact members of each group; resizing them
+is tested in test_resize.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import fxindex
+from fxindex.group import ChannelGroup, group, groups
+from fxindex.spaces import analyze, register_space_rule
+from models import single_thread, snapshot, assert_unchanged
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run much faster on one intra-op thread."""
+    with single_thread():
+        yield
+
+
+# --------------------------------------------------------------------------- models (shared with test_resize.py)
+
+
+class BasicBlock(nn.Module):
+    """ResNet's BasicBlock: conv-bn-relu-conv-bn, plus the identity or a 1x1 downsample."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity)
+
+
+class TinyResNet(nn.Module):
+    """stem (3->8) -> block1 (8->8, identity) -> block2 (8->16, downsample) -> pool -> fc (16->5). Input (N, 3, 16, 16)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.block1 = BasicBlock(8, 8)
+        self.block2 = BasicBlock(8, 16, stride=2)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.stem(x)))
+        x = self.block2(self.block1(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class SENet(nn.Module):
+    """conv (3->8) -> bn -> relu, gated by squeeze-excite (pool, 1x1 8->4, relu, 1x1 4->8, sigmoid), head 1x1 (8->6)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc1 = nn.Conv2d(8, 4, 1)
+        self.fc2 = nn.Conv2d(4, 8, 1)
+        self.head = nn.Conv2d(8, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+        return self.head(x * s)
+
+
+class GLUNet(nn.Module):
+    """fc1 (6->16) -> chunk(2) -> a * sigmoid(b) (8 features) -> fc2 (8->3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 16)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(a * torch.sigmoid(b))
+
+
+class LayerScaleNet(nn.Module):
+    """conv_in (3->8); x + gamma * conv_b(relu(x)) with gamma (8, 1, 1); head (8->4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv_b = nn.Conv2d(8, 8, 3, padding=1)
+        self.gamma = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        x = x + self.conv_b(F.relu(x)) * self.gamma
+        return self.head(x)
+
+
+class TinyViT(nn.Module):
+    """Patch conv (3->16, 4x4) -> tokens; cat a class token, add a position embedding; residual MLP; head on token 0."""
+
+    def __init__(self, norm: bool = False):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 4, stride=4)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 16))
+        self.pos_embed = nn.Parameter(torch.randn(1, 5, 16))
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 16)
+        self.norm = nn.LayerNorm(16) if norm else nn.Identity()
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+        return self.head(x[:, 0])
+
+
+class CatResidual(nn.Module):
+    """stem (3->8); x + cat(b1(x) 8->3, b2(x) 8->5); head 1x1 (8->3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1 = nn.Conv2d(8, 3, 3, padding=1)
+        self.b2 = nn.Conv2d(8, 5, 1)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        x = x + torch.cat([self.b1(x), self.b2(x)], dim=1)
+        return self.head(x)
+
+
+class SliceNet(nn.Module):
+    """conv (3->12) -> relu -> y[:, :8] into head_a (8->3), y[:, 8:] into head_b (4->3), summed."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 3, padding=1)
+        self.head_a = nn.Conv2d(8, 3, 1)
+        self.head_b = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.conv(x))
+        return self.head_a(y[:, :8]) + self.head_b(y[:, 8:])
+
+
+class SplitNet(nn.Module):
+    """fc (4->12) -> split([5, 7]) -> fa (5->2) + fb (7->2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 12)
+        self.fa = nn.Linear(5, 2)
+        self.fb = nn.Linear(7, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.split(self.fc(x), [5, 7], dim=1)
+        return self.fa(a) + self.fb(b)
+
+
+class GroupedNet(nn.Module):
+    """conv_a (3->8) -> bn -> relu -> grouped 3x3 (8->8, groups=4) -> bn -> relu -> conv_c (8->4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 8, 1)
+        self.bn_a = nn.BatchNorm2d(8)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.bn_b = nn.BatchNorm2d(8)
+        self.conv_c = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn_a(self.conv_a(x)))
+        x = F.relu(self.bn_b(self.grouped(x)))
+        return self.conv_c(x)
+
+
+class DepthwiseResidual(nn.Module):
+    """stem (3->8) -> bn; x + pw(relu(bn_dw(dw(x)))) with dw depthwise 3x3, pw 1x1 (8->8); head (8->3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.bn_dw = nn.BatchNorm2d(8)
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(self.stem(x))
+        x = x + self.pw(F.relu(self.bn_dw(self.dw(x))))
+        return self.head(x)
+
+
+class ActBatchNorm(nn.BatchNorm2d):
+    """A BatchNorm with its activation inside (like timm's BatchNormAct2d): traced as a leaf."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(super().forward(x))
+
+
+class FunctionalBatchNorm(nn.Module):
+    """Holds BatchNorm tensors and calls F.batch_norm itself (reads them through get_attr)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(channels) + 0.5)
+        self.bias = nn.Parameter(torch.randn(channels))
+        self.register_buffer("running_mean", torch.randn(channels))
+        self.register_buffer("running_var", torch.rand(channels) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, 1e-5)
+
+
+class BNSubclassNet(nn.Module):
+    """conv (3->8) -> ActBatchNorm -> FunctionalBatchNorm -> conv (8->4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = ActBatchNorm(8)
+        self.fbn = FunctionalBatchNorm(8)
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.fbn(self.bn(self.conv(x))))
+
+
+class RollNet(nn.Module):
+    """conv (3->8) -> torch.roll along the channels (no rule) -> conv (8->4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.roll(self.conv(x), 1, 1))
+
+
+def image(batch: int = 2, size: int = 16) -> tuple[torch.Tensor]:
+    return (torch.randn(batch, 3, size, size),)
+
+
+def randomised(model: nn.Module) -> nn.Module:
+    """Seeded weights, non-trivial BatchNorm statistics, eval mode."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def traced(model: nn.Module, inputs: tuple, **kwargs) -> fx.GraphModule:
+    return fxindex.trace(model, example_inputs=inputs, **kwargs)
+
+
+# --------------------------------------------------------------------------- groups of each relation
+
+
+def test_residual_groups_with_and_without_downsample():
+    torch.manual_seed(0)
+    gm = traced(randomised(TinyResNet()), image())
+    stem = group(gm, "stem")
+    assert stem.producers == ("stem", "block1.conv2")
+    assert stem.carriers == ("bn", "block1.bn2")
+    assert stem.consumers == ("block1.conv1", "block2.conv1", "block2.downsample.0")
+    assert stem.joins == ("add",)
+    assert stem.width == 8 and stem.resizable and stem.preserves_function
+    tail = group(gm, "block2.conv2")
+    assert tail.producers == ("block2.conv2", "block2.downsample.0")
+    assert tail.carriers == ("block2.bn2", "block2.downsample.1")
+    # The fc reads the pooled, flattened channels: (16, 1, 1) flattened is the channel space itself.
+    assert tail.consumers == ("fc",)
+    # A BatchNorm's group is the group of what it carries.
+    assert group(gm, "block1.bn2").producers == stem.producers
+
+
+def test_squeeze_excite_gate_couples_both_branches():
+    gm = traced(randomised(SENet()), image())
+    found = group(gm, "conv")
+    assert found.producers == ("conv", "fc2")
+    assert found.consumers == ("fc1", "head")
+    assert found.joins == ("mul",)
+    # The mean over H, W does not mix channels; nothing else mixes them either.
+    assert found.preserves_function
+    # The squeeze branch's bottleneck is a group of its own.
+    assert group(gm, "fc1").producers == ("fc1",) and group(gm, "fc1").consumers == ("fc2",)
+
+
+def test_glu_gate_halves_are_one_space_in_two_equal_blocks():
+    gm = traced(GLUNet(), (torch.randn(3, 6),))
+    found = group(gm, "fc1")
+    assert found.width == 16 and found.blocks == 2
+    assert found.producers == ("fc1",) and found.consumers == ("fc2",)
+    assert found.joins == ("mul",)
+    analysis = analyze(gm)
+    nodes = {node.name: node for node in gm.graph.nodes}
+    a, b = analysis.values[nodes["getitem"]], analysis.values[nodes["getitem_1"]]
+    assert analysis.find(a[-1]) == analysis.find(b[-1])  # a * sigmoid(b) ties the halves
+
+
+def test_layer_scale_parameter_is_carried():
+    gm = traced(LayerScaleNet(), image())
+    found = group(gm, "conv_in")
+    assert found.producers == ("conv_in", "conv_b")
+    assert found.consumers == ("conv_b", "head")
+    assert found.parameters == ("gamma",)
+
+
+def test_class_token_and_position_embedding_are_parameters_of_the_stream():
+    gm = traced(TinyViT(), image(size=8))
+    found = group(gm, "patch")
+    assert found.producers == ("patch", "fc2")
+    assert found.consumers == ("fc1", "head")
+    assert found.parameters == ("cls_token", "pos_embed")
+    assert found.joins == ("cat", "add", "add_1")
+    assert found.preserves_function
+    with_norm = group(traced(TinyViT(norm=True), image(size=8)), "patch")
+    assert with_norm.carriers == ("norm",) and not with_norm.preserves_function
+    assert "function-preserving widening: no" in str(with_norm)
+
+
+def test_cat_inside_a_residual_reaches_the_branches():
+    gm = traced(CatResidual(), image())
+    stem = group(gm, "stem")
+    # The residual stream is the cat of b1 and b2: resizing it resizes them.
+    assert stem.producers == ("stem", "b1", "b2")
+    assert stem.consumers == ("b1", "b2", "head")
+    assert stem.joins == ("cat", "add")
+    # A branch's group reaches the stream (and so the stem), not the other branch.
+    b1 = group(gm, "b1")
+    assert b1.width == 3
+    assert b1.producers == ("stem", "b1")
+    assert "b2" not in b1.producers
+
+
+def test_getitem_slices_and_split_are_parts():
+    gm = traced(SliceNet(), image())
+    found = group(gm, "conv")
+    assert found.producers == ("conv",) and found.consumers == ("head_a", "head_b")
+    assert {m.node for m in found.members if m.role == "shape"} == {"getitem", "getitem_1"}
+    split = group(traced(SplitNet(), (torch.randn(3, 4),)), "fc")
+    assert split.consumers == ("fa", "fb") and split.resizable
+
+
+def test_grouped_conv_splits_its_spaces_into_equal_blocks():
+    gm = traced(GroupedNet(), image())
+    found = group(gm, "conv_a")
+    assert found.blocks == 4 and found.consumers == ("grouped",)
+    assert "equal blocks" in str(found) and "12" in str(found)
+    out = group(gm, "grouped")
+    assert out.blocks == 4 and out.carriers == ("bn_b",) and out.consumers == ("conv_c",)
+
+
+def test_depthwise_conv_carries_the_residual_stream():
+    gm = traced(DepthwiseResidual(), image())
+    found = group(gm, "stem")
+    assert found.producers == ("stem", "pw")
+    assert found.carriers == ("bn", "dw", "bn_dw")
+    assert found.consumers == ("pw", "head")
+
+
+def test_batchnorm_subclass_leaf_and_functional_batch_norm():
+    gm = traced(BNSubclassNet(), image(), leaf_modules=[ActBatchNorm])
+    found = group(gm, "conv")
+    assert found.carriers == ("bn", "batch_norm")  # the leaf subclass, then the F.batch_norm node
+    assert set(found.parameters) == {"fbn.running_mean", "fbn.running_var", "fbn.weight", "fbn.bias"}
+    assert found.consumers == ("out",)
+
+
+def test_an_op_without_a_rule_blocks_the_group_and_names_it():
+    gm = traced(RollNet(), image())
+    found = group(gm, "conv")
+    assert not found.resizable
+    assert found.blocked_by == "roll" and found.blocked_op == "torch.roll"
+    assert "no channel-space rule" in (found.reason or "")
+    assert "blocked by node 'roll' (torch.roll)" in str(found)
+
+
+def test_resnet18_stem_group_membership():
+    torchvision = pytest.importorskip("torchvision")
+    net = torchvision.models.resnet18().eval()
+    found = group(net, "layer1.0.conv2", (torch.randn(1, 3, 32, 32),))
+    assert isinstance(found, ChannelGroup)
+    assert found.producers == ("conv1", "layer1.0.conv2", "layer1.1.conv2")
+    assert found.carriers == ("bn1", "layer1.0.bn2", "layer1.1.bn2")
+    assert found.consumers == ("layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1", "layer2.0.downsample.0")
+    assert found.joins == ("add", "add_1")
+    assert found.width == 64 and found.resizable
+    table = str(found)
+    assert "channel group of 'layer1.0.conv2': width 64" in table and "layer2.0.downsample.0" in table
+    listed = groups(net, (torch.randn(1, 3, 32, 32),))
+    # One group per residual stream and one per block's inner conv, each listed once: 4 + 8 + the fc.
+    assert len(listed) == 13
+    assert len({g.producers for g in listed}) == 13
+    assert listed[0].producers == found.producers
+
+
+# --------------------------------------------------------------------------- API behaviour
+
+
+def test_group_needs_shapes():
+    gm = fxindex.trace(TinyResNet())
+    with pytest.raises(fxindex.ShapesRequiredError, match="example_inputs"):
+        group(gm, "stem")
+    # With example_inputs the caller's graph keeps its (absent) shapes.
+    snap = snapshot(gm)
+    assert group(gm, "stem", image()).producers == ("stem", "block1.conv2")
+    assert all("tensor_meta" not in node.meta for node in gm.graph.nodes)
+    assert_unchanged(gm, snap)
+
+
+def test_group_of_a_layer_without_channels_is_refused():
+    gm = traced(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), (torch.randn(2, 4),))
+    with pytest.raises(fxindex.EditError, match="writes no channels"):
+        group(gm, 1)
+    with pytest.raises(fxindex.LayerIndexError):
+        group(gm, 7)
+
+
+def test_analysis_is_cached_until_the_graph_changes():
+    gm = traced(TinyResNet(), image())
+    first = analyze(gm)
+    assert analyze(gm) is first
+    gm.stem = nn.Conv2d(3, 8, 3, padding=1)  # a swapped module: recomputed
+    assert analyze(gm) is not first
+
+
+def test_space_rule_registry_refuses_duplicates():
+    with pytest.raises(ValueError, match="already registered"):
+        register_space_rule(nn.Linear)(lambda context: None)
+    with pytest.raises(TypeError):
+        register_space_rule()
+
+
+def test_analysis_is_linear_in_depth():
+    """Doubling a residual MLP's depth about doubles the analysis' size (no per-layer search)."""
+
+    class Deep(nn.Module):
+        def __init__(self, depth: int):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(depth))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = x + layer(x)
+            return x
+
+    sizes = []
+    for depth in (50, 100):
+        analysis = analyze(traced(Deep(depth), (torch.randn(2, 8),)))
+        sizes.append(len(analysis._parent) + len(analysis.members) + len(analysis.relations))
+        found = group(analysis.graph_module, 0)
+        assert len(found.producers) == depth
+    assert sizes[1] <= 2.1 * sizes[0]
