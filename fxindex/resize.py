@@ -17,7 +17,7 @@ the check runs on a copy first, so a failed call never modifies the model.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,7 +31,7 @@ from fxindex.group import group_of_node, prepare
 from fxindex.index import LayerIndex
 from fxindex.plan import Plan, PlannedEdit
 from fxindex.recipe import record_edit, restore_meta
-from fxindex.replace import apply_plan
+from fxindex.replace import _as_slots, apply_plan
 from fxindex.shapes import TensorMetadata, record_shapes
 from fxindex.spaces import (
     NodeEdit,
@@ -69,18 +69,15 @@ def _start_mapping(old: int, width: int | None, keep: Sequence[int] | None, bloc
                 f"chunk): the width {width} would not divide into them; use {widths_that_work(old, blocks)}"
             )
         return default_mapping(old, width, blocks)
-    if isinstance(keep, (str, bytes)) or not isinstance(keep, Sequence):
-        raise EditError(f"{label}: keep= must be a sequence of channel indices, got {type(keep).__name__}")
-    keep = list(keep)
-    if not all(isinstance(slot, int) and not isinstance(slot, bool) for slot in keep):
-        raise EditError(f"{label}: keep= must hold int channel indices, got {keep!r}")
+    # The same reading as replace's keep=: any iterable of ints, read once (tensors and numpy too).
+    keep = list(_as_slots(keep, label))
     if not keep:
         raise EditError(f"{label}: keep= is empty: a layer needs at least one channel")
     bad = [slot for slot in keep if not 0 <= slot < old]
     if bad:
         raise EditError(f"{label}: keep= indices {bad} are out of range: the layer has {old} channels (0..{old - 1})")
     if len(set(keep)) != len(keep):
-        duplicates = sorted({slot for slot in keep if keep.count(slot) > 1})
+        duplicates = sorted(slot for slot, count in Counter(keep).items() if count > 1)
         raise EditError(f"{label}: keep= repeats indices {duplicates}: each old channel can be kept once")
     width = len(keep) if width is None else width
     if width < len(keep):
@@ -320,7 +317,8 @@ def _plan_resize(
         "index": position,
         "target": str(node.target),
         "width": len(mapping),
-        "keep": None if keep is None else [int(slot) for slot in keep],
+        # From the mapping, not the argument: a generator given as keep= is used up by now.
+        "keep": None if keep is None else [int(slot) for slot in mapping if slot is not None],
     }
     return source, plan, tensors, edit
 

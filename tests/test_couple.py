@@ -194,3 +194,29 @@ def test_a_coupled_edit_saves_and_loads(tmp_path) -> None:
     loaded = fxindex.load(Gated().eval(), path)
     assert [edit["op"] for edit in fxindex.recipe(loaded)] == ["replace", "resize"]
     torch.testing.assert_close(outputs(loaded, x), outputs(resized, x))
+
+
+def test_the_readme_pruning_loop_matches_torch_pruning(resnet) -> None:
+    tp = pytest.importorskip("torch_pruning")
+    import copy
+
+    model, x = resnet
+    gm = fxindex.trace(model, example_inputs=x)
+    kept: dict[str, torch.Tensor] = {}
+    for g in fxindex.groups(gm):
+        if any(m.role == "output" for m in g.members):
+            continue
+        scores = gm.get_submodule(g.producers[0]).weight.abs().flatten(1).sum(1)
+        keep = scores.topk(int(0.75 * len(scores))).indices.sort().values
+        kept[g.producers[0]] = keep
+        gm = fxindex.resize(gm, g.producers[0], keep=keep)
+    assert len(kept) >= 8 and gm.conv1.out_channels == 48
+    reference = copy.deepcopy(model)
+    graph = tp.DependencyGraph().build_dependency(reference, example_inputs=x)
+    for name, keep in kept.items():
+        layer = reference.get_submodule(name)
+        dropped = sorted(set(range(layer.out_channels)) - set(keep.tolist()))
+        graph.get_pruning_group(layer, tp.prune_conv_out_channels, idxs=dropped).prune()
+    assert sum(p.numel() for p in gm.parameters()) == sum(p.numel() for p in reference.parameters())
+    torch.testing.assert_close(outputs(gm, x), outputs(reference, x), rtol=1e-4, atol=1e-4)
+    gm.graph.lint()
