@@ -557,7 +557,9 @@ def _check_document(document: Any, where: str) -> None:
     if "class" not in model or not isinstance(model["class"], (str, type(None))):
         raise RecipeError(f"{where}: 'model.class' must be a class name or null, got {_short(model.get('class', '(missing)'))}")
     options = _require(document, "trace", dict, where)
-    for key in ("leaf_types", "leaf_names"):
+    for key in ("leaf_types", "leaf_names", "trace_into_types", "trace_into_names"):
+        if key.startswith("trace_into") and key not in options:
+            continue  # recipes written before trace_into existed
         values = _require(options, key, list, f"{where}, 'trace'")
         if not all(isinstance(value, str) for value in values):
             raise RecipeError(f"{where}: 'trace.{key}' must be a list of strings, got {_short(values)}")
@@ -1076,6 +1078,7 @@ def _trace_for_replay(
     return trace(
         model,
         leaf_modules=[*_leaf_types(model, options["leaf_types"]), *options["leaf_names"]],
+        trace_into=[*_leaf_types(model, options.get("trace_into_types", [])), *options.get("trace_into_names", [])],
         concrete_args=concrete_args,
         example_inputs=example_inputs,
     )

@@ -25,6 +25,7 @@ from fxindex.preserve import compare_layers
 from fxindex.rules import ChannelChange, Outcome, Step, Widths, find_rule, find_widths
 from fxindex.rules.registry import describe_target
 from fxindex.shapes import (
+    NOT_GIVEN_KEY,
     TensorMetadata,
     fake_tensor_like,
     make_fake_mode,
@@ -150,6 +151,9 @@ class _Planner:
             value = self.fake_from_meta(meta)
         elif node.op == "get_attr":
             value = _fetch_attr(self.graph_module, node.target)
+        elif node.op == "placeholder" and node.meta.get(NOT_GIVEN_KEY):
+            # An optional argument the example inputs left out: the recorded run saw its default.
+            value = node.args[0] if node.args else []
         elif node.op == "placeholder":
             raise ShapesRequiredError(f"placeholder '{node.name}' has no recorded shape; pass example_inputs=(...)")
         else:

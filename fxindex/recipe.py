@@ -303,10 +303,12 @@ def input_specs(graph_module: fx.GraphModule) -> list[dict[str, Any]] | None:
         placeholder, as fxindex's planner needs all of them to use shapes.
     """
     # Imported here: fxindex.shapes is cheap, but keep this module's import graph flat.
-    from fxindex.shapes import tensor_meta
+    from fxindex.shapes import NOT_GIVEN_KEY, tensor_meta
 
     specs: list[dict[str, Any]] = []
     for node in graph_module.graph.find_nodes(op="placeholder"):
+        if node.meta.get(NOT_GIVEN_KEY):
+            continue  # an optional argument left out (always trailing): the replay leaves it out too
         meta = tensor_meta(node)
         if meta is None:
             return None
@@ -345,7 +347,12 @@ def trace_options(graph_module: fx.GraphModule) -> dict[str, list[str]]:
     options = graph_module.meta.get(TRACE_OPTIONS_KEY) or graph_module.__dict__.get(_TRACE_ATTRIBUTE)
     if not options:
         return {"leaf_types": [], "leaf_names": []}
-    return {"leaf_types": list(options.get("leaf_types", [])), "leaf_names": list(options.get("leaf_names", []))}
+    found = {"leaf_types": list(options.get("leaf_types", [])), "leaf_names": list(options.get("leaf_names", []))}
+    # Only when used: recipes of models traced without trace_into stay as they were.
+    for key in ("trace_into_types", "trace_into_names"):
+        if options.get(key):
+            found[key] = list(options[key])
+    return found
 
 
 def model_class(graph_module: fx.GraphModule) -> str | None:

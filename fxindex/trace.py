@@ -15,7 +15,7 @@ from fxindex.errors import TraceError
 from fxindex.shapes import record_shapes
 from fxindex.speed import speed_up
 
-__all__ = ["trace", "LeafTracer", "TRACE_OPTIONS_KEY"]
+__all__ = ["trace", "LeafTracer", "TRACE_OPTIONS_KEY", "torch_layer_base"]
 
 TRACE_OPTIONS_KEY = "fxindex_trace"
 
@@ -26,30 +26,129 @@ _LIBRARY_FOLDERS = (
 )
 
 
+# torch.nn classes that hold or group other modules rather than compute: a subclass of one
+# of these is a user's block (a Sequential subclass such as torchvision's
+# Conv2dNormActivation), traced through like any plain nn.Module.
+_HOLDER_CLASSES: frozenset[type] = frozenset(
+    {
+        nn.Module,
+        nn.Sequential,
+        nn.ModuleList,
+        nn.ModuleDict,
+        nn.ParameterList,
+        nn.ParameterDict,
+        nn.Container,
+    }
+)
+
+
+def torch_layer_base(cls: type) -> type | None:
+    """The nearest torch.nn layer class in ``cls``'s MRO, or ``None``.
+
+    A torch.nn layer class is an ``nn.Module`` subclass defined under
+    ``torch.nn.modules`` that is not one of the holders (``Module``,
+    ``Sequential``, ``ModuleList``, ``ModuleDict``, ``ParameterList``,
+    ``ParameterDict``, ``Container``). Private bases such as ``_ConvNd`` or
+    ``_BatchNorm`` count: they are layers whose concrete classes differ only in
+    rank. This is what makes timm's ``BatchNormAct2d`` (a ``BatchNorm2d``) or
+    torchvision's ``Conv3DSimple`` (a ``Conv3d``) a leaf by default.
+
+    Args:
+        cls: any class.
+
+    Returns:
+        The first such class of ``cls.__mro__`` (``cls`` itself when it is one),
+        or ``None`` when ``cls`` derives from none.
+
+    Example:
+        >>> class MyLinear(nn.Linear):
+        ...     pass
+        >>> torch_layer_base(MyLinear)
+        <class 'torch.nn.modules.linear.Linear'>
+        >>> torch_layer_base(nn.Sequential) is None
+        True
+    """
+    for base in getattr(cls, "__mro__", ()):
+        # issubclass: mixins defined there (LazyModuleMixin) are not modules and make no layer.
+        if (
+            base not in _HOLDER_CLASSES
+            and base.__module__.startswith("torch.nn.modules.")
+            and issubclass(base, nn.Module)
+        ):
+            return base
+    return None
+
+
+def _nearest(cls: type, types: tuple[type, ...]) -> int | None:
+    """Position in ``cls``'s MRO of the nearest class of ``types`` it derives from, or ``None``."""
+    mro = cls.__mro__
+    positions = [mro.index(kind) for kind in types if kind in mro]
+    return min(positions) if positions else None
+
+
 class LeafTracer(fx.Tracer):
-    """An ``fx.Tracer`` whose leaves can be extended by type or qualified name.
+    """An ``fx.Tracer`` whose leaves can be extended or narrowed by type or qualified name.
 
     A leaf is kept as one ``call_module`` node instead of being traced through,
-    so a user's custom block counts as one layer of the index.
+    so a user's custom block counts as one layer of the index. By default the
+    leaves are torch.nn's own layers (as for ``torch.fx``) and, beyond
+    ``torch.fx``, every subclass of a torch.nn layer class wherever it is
+    defined (see :func:`torch_layer_base`): a timm ``BatchNormAct2d`` is one
+    layer, with its own forward, not a ``F.batch_norm`` and an activation.
+
+    Which wins, for one module (first match decides):
+
+    1. its qualified name in ``leaf_names`` (a leaf) or ``trace_names``
+       (traced through): a name is the most specific choice;
+    2. the nearer class in its MRO among ``leaf_types`` and ``trace_types``
+       (``trace_types=[BatchNormAct2d]`` beats ``leaf_types=[nn.BatchNorm2d]``
+       for a ``BatchNormAct2d``);
+    3. the default above.
 
     Args:
         leaf_types: module classes (subclasses included) that are leaves.
         leaf_names: qualified names (``"encoder.block3"``) of modules that are leaves.
+        trace_types: module classes (subclasses included) to trace through
+            even when they are default leaves (a torch.nn layer or a subclass).
+        trace_names: qualified names of modules to trace through.
     """
 
-    def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: frozenset[str] = frozenset()):
+    def __init__(
+        self,
+        leaf_types: tuple[type, ...] = (),
+        leaf_names: frozenset[str] = frozenset(),
+        trace_types: tuple[type, ...] = (),
+        trace_names: frozenset[str] = frozenset(),
+    ):
         super().__init__()
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
+        self.trace_types = trace_types
+        self.trace_names = trace_names
         # The innermost non-leaf module whose forward raised: where tracing broke.
         self.failed_module: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if self.leaf_types and isinstance(m, self.leaf_types):
-            return True
+        """Whether ``m`` (at ``module_qualified_name``) stays one ``call_module`` node.
+
+        Args:
+            m: the module about to be called.
+            module_qualified_name: its path in the root module.
+
+        Returns:
+            True to keep it as one node, False to trace through its forward.
+        """
         if module_qualified_name in self.leaf_names:
             return True
-        return super().is_leaf_module(m, module_qualified_name)
+        if module_qualified_name in self.trace_names:
+            return False
+        leaf_at = _nearest(type(m), self.leaf_types)
+        trace_at = _nearest(type(m), self.trace_types)
+        if leaf_at is not None and (trace_at is None or leaf_at < trace_at):
+            return True
+        if trace_at is not None:
+            return False
+        return torch_layer_base(type(m)) is not None or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(
         self,
@@ -67,7 +166,10 @@ class LeafTracer(fx.Tracer):
             raise
 
 
-def _split_leaves(leaf_modules: Iterable[type | str]) -> tuple[tuple[type, ...], frozenset[str]]:
+def _split_leaves(
+    leaf_modules: Iterable[type | str], argument: str = "leaf_modules"
+) -> tuple[tuple[type, ...], frozenset[str]]:
+    """Module classes and qualified names of ``leaf_modules`` (or ``trace_into``), checked."""
     if isinstance(leaf_modules, (str, type)):
         leaf_modules = [leaf_modules]  # one name or type, not a sequence of characters
     types: list[type] = []
@@ -79,10 +181,14 @@ def _split_leaves(leaf_modules: Iterable[type | str]) -> tuple[tuple[type, ...],
             types.append(leaf)
         else:
             raise TypeError(
-                f"leaf_modules takes nn.Module subclasses or qualified names, got {leaf!r} "
+                f"{argument} takes nn.Module subclasses or qualified names, got {leaf!r} "
                 f"({type(leaf).__name__})"
             )
     return tuple(types), frozenset(names)
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
 
 
 def _user_location(error: BaseException) -> str | None:
@@ -99,26 +205,44 @@ def trace(
     model: nn.Module,
     *,
     leaf_modules: Iterable[type | str] = (),
+    trace_into: Iterable[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
     example_inputs: tuple[Any, ...] | None = None,
 ) -> fx.GraphModule:
     """Trace ``model`` into a ``torch.fx.GraphModule``.
 
+    torch.nn's layers and every subclass of one, wherever it is defined
+    (timm's ``BatchNormAct2d``, ``ScaledStdConv2d``, ``LayerNorm2d``,
+    ``Linear``; torchvision's ``Conv3DSimple``; a user's ``nn.Linear``
+    subclass), are kept as single layers; subclasses of the holders
+    (``nn.Module``, ``Sequential``, ``ModuleList``, ``ModuleDict``...) are
+    traced through. ``leaf_modules`` adds leaves, ``trace_into`` removes them;
+    see :class:`LeafTracer` for which wins when both match.
+
     Args:
         model: the module to trace. It is not modified.
-        leaf_modules: module types or qualified names to keep as single layers
-            rather than trace through (in addition to torch.nn's own layers).
+        leaf_modules: module types (subclasses included) or qualified names to
+            keep as single layers rather than trace through.
+        trace_into: module types (subclasses included) or qualified names to
+            trace through although they are leaves by default, for example
+            ``trace_into=[timm.layers.BatchNormAct2d]`` to index its
+            activation as a layer of its own.
         concrete_args: arguments to specialise on, as for ``fx.symbolic_trace``
             (use it to remove control flow that depends on a flag argument).
         example_inputs: a tuple of inputs; when given, every node gets its
             shape and dtype in ``node.meta["tensor_meta"]``, computed with fake
-            tensors (no real arithmetic).
+            tensors (no real arithmetic). Optional arguments of ``forward``
+            may be left out: they keep their defaults.
 
     Returns:
         The traced ``GraphModule``. It shares parameters with ``model``.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
+        TypeError: ``model`` is not an ``nn.Module``, or ``leaf_modules`` /
+            ``trace_into`` hold something that is neither a module class nor a
+            name.
+        ValueError: the same class or name is in both ``leaf_modules`` and
+            ``trace_into``.
         TraceError: torch.fx cannot trace the model; the message names the
             submodule and source line where tracing broke.
 
@@ -137,7 +261,11 @@ def trace(
             "write (x,) for a single input"
         )
     leaf_types, leaf_names = _split_leaves(leaf_modules)
-    tracer = LeafTracer(leaf_types, leaf_names)
+    trace_types, trace_names = _split_leaves(trace_into, "trace_into")
+    both = sorted({_class_path(cls) for cls in set(leaf_types) & set(trace_types)} | (leaf_names & trace_names))
+    if both:
+        raise ValueError(f"{both} are in both leaf_modules and trace_into: say once whether to keep or trace them")
+    tracer = LeafTracer(leaf_types, leaf_names, trace_types, trace_names)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as error:
@@ -158,8 +286,10 @@ def trace(
     # How this graph was traced, so a saved recipe can be replayed on a fresh trace.
     graph_module.meta[TRACE_OPTIONS_KEY] = {
         "model_class": name,
-        "leaf_types": [f"{cls.__module__}:{cls.__qualname__}" for cls in leaf_types],
+        "leaf_types": [_class_path(cls) for cls in leaf_types],
         "leaf_names": sorted(leaf_names),
+        "trace_into_types": [_class_path(cls) for cls in trace_types],
+        "trace_into_names": sorted(trace_names),
     }
     if example_inputs is not None:
         record_shapes(graph_module, example_inputs)
