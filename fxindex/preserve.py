@@ -173,3 +173,57 @@ def compare_layers(
             f"(largest difference {difference:.3g} on a random input of the recorded shape)"
         )
     return None
+
+
+def own_forward(module: nn.Module) -> bool:
+    """Whether ``module``'s forward is defined outside torch.nn (a layer subclass from another library)."""
+    return not getattr(type(module).forward, "__module__", "").startswith("torch.nn")
+
+
+def verify_rebuilt(
+    node: fx.Node,
+    old_module: nn.Module,
+    new_module: nn.Module,
+    mappings: dict[str, tuple[int | None, ...]],
+    device: torch.device,
+) -> str | None:
+    """:func:`compare_layers` for a layer a group resize rebuilt, from its slot mappings.
+
+    Only layers whose class has a forward of its own need it: a rule written
+    for a torch.nn base class (Conv2d) rebuilds a subclass (timm's
+    ``ScaledStdConv2d``, which standardises its weight) by the base's
+    semantics, which may not be the subclass's.
+
+    Args:
+        node: the ``call_module`` node.
+        old_module: the layer now.
+        new_module: the rebuilt layer.
+        mappings: ``{"in": ..., "out": ...}`` new-slot -> old-slot mappings.
+        device: where activations live.
+
+    Returns:
+        ``None`` when the rebuilt layer computes the old values on the kept
+        channels, else why not; ``None`` too when the layer cannot be checked
+        this way (no widths, no single recorded input).
+    """
+    from fxindex.rules import find_widths
+
+    widths = find_widths(old_module)
+    source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    in_meta = source.meta.get("tensor_meta") if source is not None else None
+    out_meta = node.meta.get("tensor_meta")
+    if widths is None or not isinstance(in_meta, TensorMetadata) or not isinstance(out_meta, TensorMetadata):
+        return None
+    input_changes: dict[fx.Node, ChannelChange] = {}
+    new_metas: dict[fx.Node, Any] = {}
+    if "in" in mappings and source is not None:
+        dim = widths.in_dim % len(in_meta.shape)
+        input_changes[source] = ChannelChange(dim, len(in_meta.shape), in_meta.shape[dim], tuple(mappings["in"]))
+        shape = list(in_meta.shape)
+        shape[dim] = len(mappings["in"])
+        new_metas[source] = in_meta._replace(shape=torch.Size(shape))
+    output_change = None
+    if "out" in mappings:
+        dim = widths.out_dim % len(out_meta.shape)
+        output_change = ChannelChange(dim, len(out_meta.shape), out_meta.shape[dim], tuple(mappings["out"]))
+    return compare_layers(node, old_module, new_module, input_changes, new_metas, output_change, device)

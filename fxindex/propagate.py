@@ -21,7 +21,7 @@ from torch.fx.node import map_aggregate
 
 from fxindex.errors import EditError, PropagationError, ShapeMismatchError, ShapesRequiredError
 from fxindex.plan import Plan, PlannedEdit
-from fxindex.preserve import compare_layers
+from fxindex.preserve import compare_layers, own_forward
 from fxindex.rules import ChannelChange, Outcome, Step, Widths, find_rule, find_widths
 from fxindex.rules.registry import describe_target
 from fxindex.shapes import (
@@ -262,6 +262,15 @@ class _Planner:
             self.dirty.add(node)
         if not outcome.preserves_function:
             self.plan.breaks_function.append((node.name, outcome.reason))
+        elif outcome.module is not None and old_module is not None and self.mode is not None and own_forward(old_module):
+            # A rule of a torch.nn base class rebuilt a subclass with a forward of its own
+            # (timm's ScaledStdConv2d standardises its weight): the base's claim may not hold.
+            new_metas = {arg: self.new_metas.get(arg) for arg in tensor_changes}
+            reason = compare_layers(
+                node, old_module, outcome.module, tensor_changes, new_metas, outcome.output, self.device
+            )
+            if reason is not None:
+                self.plan.breaks_function.append((node.name, f"{type(old_module).__name__} rebuilt: {reason}"))
         if tensor_changes:
             self.record(node, old_module, outcome)
 

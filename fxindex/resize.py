@@ -30,6 +30,7 @@ from fxindex.errors import EditError, FxIndexError, PropagationError, ShapeMisma
 from fxindex.group import group_of_node, prepare
 from fxindex.index import LayerIndex
 from fxindex.plan import Plan, PlannedEdit
+from fxindex.preserve import own_forward, verify_rebuilt
 from fxindex.recipe import record_edit, restore_meta
 from fxindex.replace import _as_slots, apply_plan
 from fxindex.shapes import TensorMetadata, record_shapes
@@ -195,6 +196,11 @@ def _plan(
             built[key] = (dict(mappings), edit)
         if not edit.preserves_function:
             breaks.append((node.name, edit.reason))
+        elif edit.module is not None and module is not None and own_forward(module):
+            # The rule of a torch.nn base rebuilt a subclass with its own forward: check the claim.
+            reason = verify_rebuilt(node, module, edit.module, dict(mappings), _device_of(module))
+            if reason is not None:
+                breaks.append((node.name, f"{type(module).__name__} rebuilt: {reason}"))
         change = ", ".join(
             f"{slot} {analysis.width(next(m.space for m in analysis.node_members(node) if m.slot == slot))} -> {len(m)}"
             for slot, m in sorted(mappings.items())
@@ -227,6 +233,11 @@ def _plan(
             )
         )
     return Plan(edits=edits, breaks_function=breaks, output_changes=outputs), tensors
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    first = next(iter(module.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def request_shape(graph_module: fx.GraphModule, node: fx.Node) -> tuple[int, ...]:

@@ -292,19 +292,26 @@ def test_nfnet_indexes_all_its_scaled_std_convolutions() -> None:
 
 
 @needs_timm
-@pytest.mark.xfail(
-    strict=True,
-    reason="ScaledStdConv2d standardises its weight over the fan-in: zero in-channels change it, and the "
-    "Conv2d rules it inherits do not know (needs a rule of its own; reported to the lead)",
-)
 def test_resize_before_a_scaled_std_conv_is_not_claimed_function_preserving_when_it_is_not() -> None:
+    # ScaledStdConv2d standardises its weight over the fan-in: zero new in-channels change it, which
+    # the Conv2d rule it inherits cannot know; the rebuilt layer is checked by running it.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), ScaledStdConv2d(8, 4, 1)).eval()
     x = torch.randn(2, 3, 8, 8)
     planned = fxindex.plan_resize(model, 0, 12, example_inputs=(x,))
     result = fxindex.resize(model, 0, 12, example_inputs=(x,))
-    same = torch.allclose(result(x), model(x), rtol=1e-5, atol=1e-5)
-    assert same or planned.breaks_function
+    assert not torch.allclose(result(x), model(x), rtol=1e-5, atol=1e-5)
+    assert [node for node, _ in planned.breaks_function] == ["_2"]
+    assert "ScaledStdConv2d rebuilt: not function-preserving" in planned.table()
+    widened = nn.Conv2d(3, 12, 3, padding=1)
+    with torch.no_grad():
+        widened.weight[:8] = model[0].weight
+        widened.bias[:8] = model[0].bias
+    steps = fxindex.plan(model, 0, widened, example_inputs=(x,))
+    assert [node for node, _ in steps.breaks_function] == ["_2"], steps.table()
+    # a plain Conv2d consumer keeps the claim
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 4, 1)).eval()
+    assert fxindex.plan_resize(plain, 0, 12, example_inputs=(x,)).preserves_function
 
 
 @needs_timm
