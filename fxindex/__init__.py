@@ -32,7 +32,7 @@ from fxindex.group import ChannelGroup, GroupMember, group, groups
 from fxindex.index import LayerEntry, LayerIndex, LayerRef, index
 from fxindex.io import load, save
 from fxindex.plan import Plan, PlannedEdit
-from fxindex.replace import insert, plan, remove, replace
+from fxindex.replace import deferred_codegen, insert, plan, remove, replace
 from fxindex.rules import register_rule
 from fxindex.recipe import recipe
 from fxindex.resize import plan_resize, resize
@@ -65,6 +65,7 @@ __all__ = [
     "ShapesRequiredError",
     "TraceError",
     "bench",
+    "deferred_codegen",
     "examples",
     "group",
     "groups",

@@ -31,9 +31,10 @@ from fxindex.propagate import Target, build_plan
 from fxindex.recipe import describe_layer, record_edit, restore_meta
 from fxindex.rules import Widths, find_widths
 from fxindex.shapes import record_shapes_on
-from fxindex.speed import CACHE_ATTRIBUTE, speed_up
+from fxindex.shapes import NOT_GIVEN_KEY
+from fxindex.speed import CACHE_ATTRIBUTE, is_sped_up, speed_up
 
-__all__ = ["replace", "plan", "remove", "insert", "apply_plan"]
+__all__ = ["replace", "plan", "remove", "insert", "apply_plan", "deferred_codegen"]
 
 Selector = int | str
 
@@ -181,13 +182,18 @@ def _source(model: nn.Module, example_inputs: tuple[Any, ...] | None, caller: st
     return _Source(as_graph_module(model, example_inputs, caller=caller))
 
 
-def _edited(source: _Source, inplace: bool, planned: Plan) -> tuple[fx.GraphModule, Plan]:
-    """The module to install a plan into: the caller's own when ``inplace``, else a deep copy.
+def _edited(source: _Source, inplace: bool, planned: Plan, share_untouched: bool = False) -> tuple[fx.GraphModule, Plan]:
+    """The module to install a plan into: the caller's own when ``inplace``, else a copy.
 
     Copying after planning means a refused edit costs no copy at all. A new
     layer that is (or shares tensors with) a layer of the model is copied
     together with the model, so the result shares nothing with the caller's
     model, and aliasing inside the result (a layer used twice) is kept.
+
+    The copy is deep, except for tensors it would throw away: those of
+    modules the plan replaces at every site (not tied to a module that stays).
+    With ``share_untouched``, every tensor the plan does not rebuild is
+    shared with the caller's model (see :func:`replace`).
     """
     graph_module = source.module
     if inplace:
@@ -201,16 +207,49 @@ def _edited(source: _Source, inplace: bool, planned: Plan) -> tuple[fx.GraphModu
         if edit.module is not None
         and any(id(value) in owned for value in (edit.module, *edit.module.parameters(), *edit.module.buffers()))
     ]
-    if not shared:
-        return copy.deepcopy(graph_module), planned
-    memo: dict[int, Any] = {}
+    memo = _shareable(graph_module, source.graph, planned, share_untouched)
     copied = copy.deepcopy(graph_module, memo)
+    if not shared:
+        return copied, planned
     modules = {id(module): copy.deepcopy(module, memo) for module in shared}
     edits = [
         dataclasses.replace(edit, module=modules[id(edit.module)]) if edit.module is not None and id(edit.module) in modules else edit
         for edit in planned.edits
     ]
     return copied, dataclasses.replace(planned, edits=edits)
+
+
+def _shareable(graph_module: fx.GraphModule, graph: fx.Graph, planned: Plan, share_untouched: bool) -> dict[int, Any]:
+    """A deepcopy memo mapping the tensors the copy need not copy to themselves."""
+    def tensors(module: nn.Module) -> list[torch.Tensor]:
+        return [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+
+    if share_untouched:
+        return {id(t): t for module in graph_module.modules() for t in tensors(module)}
+    sites: dict[str, int] = defaultdict(int)
+    nodes = {node.name: node for node in graph.nodes}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            sites[str(node.target)] += 1
+    edited: dict[str, int] = defaultdict(int)
+    for edit in planned.edits:
+        if (edit.module is not None or edit.action == "remove") and edit.node in nodes:
+            edited[str(nodes[edit.node].target)] += 1
+    dropped = {target for target, count in edited.items() if count == sites.get(target) and target in sites}
+    dropped_modules: set[int] = set()
+    for target in dropped:
+        try:
+            dropped_modules.update(id(m) for m in graph_module.get_submodule(target).modules())
+        except AttributeError:
+            continue  # a name only the planned graph has (an inserted layer)
+    kept = {id(t) for module in graph_module.modules() if id(module) not in dropped_modules for t in tensors(module)}
+    return {
+        id(t): t
+        for module in graph_module.modules()
+        if id(module) in dropped_modules
+        for t in tensors(module)
+        if id(t) not in kept
+    }
 
 
 def _unique_name(graph_module: fx.GraphModule, target: str, *, plain_first: bool = False, taken: set[str] | None = None) -> str:
@@ -347,6 +386,8 @@ def apply_plan(graph_module: fx.GraphModule, plan: Plan, graph: fx.Graph | None 
     Returns:
         ``graph_module``.
     """
+    if _install_modules_only(graph_module, plan, graph):
+        return graph_module
     old_graph = graph_module.graph
     new_graph = copy.deepcopy(graph if graph is not None else old_graph)
     nodes = {node.name: node for node in new_graph.nodes}
@@ -408,6 +449,9 @@ def apply_plan(graph_module: fx.GraphModule, plan: Plan, graph: fx.Graph | None 
         # GraphModule traced elsewhere eager-speed code).
         graph_module._graph = new_graph
         new_graph.owning_module = graph_module
+        if _DEFER_KEY in graph_module.__dict__:
+            graph_module.__dict__[_STALE_KEY] = True  # generated when the deferring block ends
+            return graph_module
         return speed_up(graph_module)
     except BaseException:
         log.rollback()
@@ -415,6 +459,132 @@ def apply_plan(graph_module: fx.GraphModule, plan: Plan, graph: fx.Graph | None 
         old_graph.owning_module = graph_module
         compiled.restore()
         raise
+
+
+def _structure(graph: fx.Graph) -> list[tuple[str, str, Any]]:
+    return [(node.name, node.op, node.target) for node in graph.nodes]
+
+
+def _install_modules_only(graph_module: fx.GraphModule, plan: Plan, graph: fx.Graph | None) -> bool:
+    """Install a plan that only swaps modules under their own names, without generating code again.
+
+    The generated forward names each call site's module by its qualified name
+    and the fast-lookup cache notices a swapped module by itself, so when no
+    argument, node or name changes, the code stays valid: only the modules,
+    ``get_attr`` tensors and recorded shapes change.
+
+    Returns:
+        Whether the plan was of that kind (and is installed); ``False`` leaves
+        everything to the full install.
+    """
+    if not is_sped_up(graph_module) or _DEFER_KEY in graph_module.__dict__:
+        return False
+    if any(edit.action == "remove" or edit.args is not None or edit.kwargs is not None for edit in plan.edits):
+        return False
+    live = graph_module.graph
+    if graph is not None and graph is not live and _structure(graph) != _structure(live):
+        return False  # an inserted node
+    # Indexed lookups (Graph.find_nodes), not a walk over the graph: this path should cost
+    # about what add_submodule does.
+    by_target: dict[str, set[str]] = defaultdict(set)
+    for edit in plan.edits:
+        if edit.module is not None:
+            by_target[edit.target].add(edit.node)
+    chosen: dict[str, nn.Module] = {}
+    found: dict[str, fx.Node] = {}
+    for target, edited in by_target.items():
+        sites = live.find_nodes(op="call_module", target=target)
+        if {node.name for node in sites} != edited:
+            return False  # some sites keep the old module (or a name is new): new code
+        found.update((node.name, node) for node in sites)
+    for edit in plan.edits:
+        if edit.module is not None:
+            if chosen.get(edit.target, edit.module) is not edit.module:
+                return False  # two new modules for one name
+            chosen[edit.target] = edit.module
+    log = _ModuleTreeLog(graph_module)
+    try:
+        for target, module in chosen.items():
+            log.set(target, module)
+        for target, value in plan.tensors.items():
+            log.set_tensor(target, value)
+    except BaseException:
+        log.rollback()
+        raise
+    # Shapes last: nothing after this can fail.
+    missing = [name for name in plan.new_metas if name not in found]
+    if (graph is not None and graph is not live) or missing:
+        nodes = {node.name: node for node in live.nodes}
+    else:
+        nodes = found
+    if graph is not None and graph is not live:
+        staged = {node.name: node for node in graph.nodes}
+        for name, node in nodes.items():
+            for key in ("tensor_meta", NOT_GIVEN_KEY):
+                if key in staged[name].meta:
+                    node.meta[key] = staged[name].meta[key]
+                else:
+                    node.meta.pop(key, None)
+    for name, meta in plan.new_metas.items():
+        if name in nodes:
+            if meta is None:
+                nodes[name].meta.pop("tensor_meta", None)
+            else:
+                nodes[name].meta["tensor_meta"] = meta
+    return True
+
+
+_DEFER_KEY = "_fxindex_defer_codegen"
+_STALE_KEY = "_fxindex_code_stale"
+
+
+@contextlib.contextmanager
+def deferred_codegen(graph_module: fx.GraphModule) -> Iterator[fx.GraphModule]:
+    """Several in-place edits of ``graph_module``, with its forward generated once, at the end.
+
+    Each edit that changes the graph regenerates the forward code (a full
+    ``recompile``); inside this block in-place edits (``inplace=True``) only
+    swap the graph, and the code is generated once when the block ends. The
+    model cannot be called inside the block (its code is stale): calling it
+    raises ``RuntimeError``. Blocks nest.
+
+    Args:
+        graph_module: the GraphModule the edits change in place.
+
+    Yields:
+        ``graph_module``.
+
+    Example:
+        >>> import torch, fxindex
+        >>> gm = fxindex.trace(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)))
+        >>> with fxindex.deferred_codegen(gm):
+        ...     _ = fxindex.replace(gm, 0, torch.nn.Linear(4, 16), inplace=True)
+        ...     _ = fxindex.remove(gm, 1, inplace=True)
+        >>> gm(torch.randn(3, 4)).shape
+        torch.Size([3, 2])
+    """
+    if not isinstance(graph_module, fx.GraphModule):
+        raise TypeError(f"deferred_codegen expects a torch.fx.GraphModule, got {type(graph_module).__name__}")
+    state = graph_module.__dict__
+    outer = _DEFER_KEY in state
+    if not outer:
+        state[_DEFER_KEY] = True
+
+        def stale(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError(
+                "this GraphModule is being edited inside fxindex.deferred_codegen(...): its forward is generated "
+                "when the block ends; call it after the block"
+            )
+
+        state["forward"] = stale  # an instance attribute shadows the class's generated forward
+    try:
+        yield graph_module
+    finally:
+        if not outer:
+            del state[_DEFER_KEY]
+            state.pop("forward", None)
+            if state.pop(_STALE_KEY, False):
+                speed_up(graph_module)
 
 
 def _with_context(error: FxIndexError, caller: str) -> FxIndexError:
@@ -464,10 +634,14 @@ def _editing() -> Iterator[None]:
         yield
 
 
-def _install(source: _Source, planned: Plan, inplace: bool, edits: list[dict[str, Any]]) -> fx.GraphModule:
+def _install(
+    source: _Source, planned: Plan, inplace: bool, edits: list[dict[str, Any]], share_untouched: bool = False
+) -> fx.GraphModule:
     """Copy (unless ``inplace``), install the plan and record the edits: the one place that writes."""
+    if share_untouched and inplace:
+        raise TypeError("share_untouched=True is for copies: with inplace=True nothing is copied")
     with _editing():
-        graph_module, planned = _edited(source, inplace, planned)
+        graph_module, planned = _edited(source, inplace, planned, share_untouched)
         graph = source.graph if source.graph is not source.module.graph else None
         apply_plan(graph_module, planned, graph)
         for edit in edits:
@@ -519,6 +693,7 @@ def replace(
     inplace: bool = False,
     all_sites: bool = False,
     couple: bool = True,
+    share_untouched: bool = False,
 ) -> fx.GraphModule:
     """Replace the layer at an execution-order index and adapt the graph downstream.
 
@@ -552,6 +727,13 @@ def replace(
             carriers and consumers; see :func:`fxindex.group`) instead of
             refusing (default). ``False`` keeps the refusal, for callers who
             want only the one layer changed. Needs recorded shapes.
+        share_untouched: a light copy: every parameter and buffer the edit
+            does not rebuild is the *same tensor* as in ``model`` (extra
+            memory: the rebuilt layers only), so training the result or
+            updating its BatchNorm statistics changes ``model`` too, and
+            the other way round. Default ``False``: a deep copy that shares
+            nothing (the tensors of layers the edit replaces are not copied,
+            as the copy drops them).
 
     Returns:
         The rebuilt ``GraphModule``, linted and recompiled. Unless ``inplace``,
@@ -578,7 +760,7 @@ def replace(
     source, planned, edit = _plan_edit(
         "fxindex.replace", model, index, new_layer, example_inputs, keep, propagate, all_sites, couple
     )
-    return _install(source, planned, inplace, [{**edit, "propagate": propagate}])
+    return _install(source, planned, inplace, [{**edit, "propagate": propagate}], share_untouched)
 
 
 def _several(index: Any, caller: str) -> list[Any]:
@@ -607,6 +789,7 @@ def remove(
     *,
     example_inputs: tuple[Any, ...] | None = None,
     inplace: bool = False,
+    share_untouched: bool = False,
 ) -> fx.GraphModule:
     """Remove the layer at ``index`` (or every layer of a list): its input flows straight to its users.
 
@@ -622,6 +805,8 @@ def remove(
         example_inputs: a tuple of inputs; records shapes first.
         inplace: edit ``model`` itself (a GraphModule) instead of a copy. Even
             then a failed call leaves it untouched.
+        share_untouched: a light copy sharing every tensor it does not
+            rebuild with ``model`` (see :func:`replace`).
 
     Returns:
         The rebuilt ``GraphModule``; the call sites are gone from its index.
@@ -660,7 +845,7 @@ def remove(
             {"op": "remove", "index": position, "target": str(layers.node(position).target)}
             for position in sorted(positions, reverse=True)
         ]
-        return _install(source, planned, inplace, edits)
+        return _install(source, planned, inplace, edits, share_untouched)
 
 
 def insert(
@@ -671,6 +856,7 @@ def insert(
     after: bool = True,
     example_inputs: tuple[Any, ...] | None = None,
     inplace: bool = False,
+    share_untouched: bool = False,
 ) -> fx.GraphModule:
     """Insert ``new_layer`` after (or before) the layer at ``index``.
 
@@ -690,6 +876,8 @@ def insert(
         example_inputs: a tuple of inputs; records shapes first.
         inplace: edit ``model`` itself (a GraphModule) instead of a copy. Even
             then a failed call leaves it untouched.
+        share_untouched: a light copy sharing every tensor it does not
+            rebuild with ``model`` (see :func:`replace`).
 
     Returns:
         The rebuilt ``GraphModule``.
@@ -761,7 +949,7 @@ def insert(
             }
             for position in sorted(chosen, reverse=True)
         ]
-        return _install(staged, planned, inplace, edits)
+        return _install(staged, planned, inplace, edits, share_untouched)
 
 
 def _insert_node(graph: fx.Graph, anchor: fx.Node, name: str, after: bool) -> fx.Node:

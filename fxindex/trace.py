@@ -13,7 +13,7 @@ from torch import fx, nn
 
 from fxindex.errors import TraceError
 from fxindex.shapes import record_shapes
-from fxindex.speed import speed_up
+from fxindex.speed import _fast_codegen_for, speed_up
 
 __all__ = ["trace", "LeafTracer", "TRACE_OPTIONS_KEY", "torch_layer_base"]
 
@@ -282,6 +282,11 @@ def trace(
             location=location,
         ) from error
     name = type(model).__name__
+    # The fast code generator goes on before the GraphModule exists, so its constructor
+    # generates the forward once (speed_up below then has nothing left to regenerate).
+    fast = _fast_codegen_for(graph._codegen)
+    if fast is not None:
+        graph.set_codegen(fast)
     graph_module = fx.GraphModule(tracer.root, graph, name)
     # How this graph was traced, so a saved recipe can be replayed on a fresh trace.
     graph_module.meta[TRACE_OPTIONS_KEY] = {
@@ -294,4 +299,5 @@ def trace(
     if example_inputs is not None:
         record_shapes(graph_module, example_inputs)
     # A plain GraphModule's forward walks getattr chains per call; fxindex's run at eager speed.
-    return speed_up(graph_module)
+    nested = any(isinstance(module, fx.GraphModule) for module in graph_module.modules() if module is not graph_module)
+    return graph_module if fast is not None and not nested else speed_up(graph_module)

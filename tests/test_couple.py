@@ -95,21 +95,22 @@ def test_coupled_inplace_is_all_or_nothing(resnet, monkeypatch: pytest.MonkeyPat
     model, x = resnet
     gm = fxindex.trace(model, example_inputs=x)
     before = frozen(gm)
-    replace_module = sys.modules["fxindex.replace"]
-    real_speed_up = replace_module.speed_up
-    calls = []
+    real_add_module = nn.Module.add_module
+    calls: list[str] = []
 
-    def speed_up_failing_on_the_caller(module: fx.GraphModule) -> fx.GraphModule:
-        calls.append(module)
-        if module is gm:  # the verification view goes through; the real install fails
-            raise RuntimeError("injected")
-        return real_speed_up(module)
+    def add_module_failing_late_on_the_caller(self: nn.Module, name: str, module: nn.Module | None) -> None:
+        # The verification view goes through; the caller's install fails after several modules are set.
+        if any(self is m for m in gm.modules()):
+            calls.append(name)
+            if len(calls) == 6:
+                raise RuntimeError("injected")
+        real_add_module(self, name, module)
 
-    monkeypatch.setattr(replace_module, "speed_up", speed_up_failing_on_the_caller)
+    monkeypatch.setattr(nn.Module, "add_module", add_module_failing_late_on_the_caller)
     with pytest.raises(RuntimeError, match="injected"):
         fxindex.replace(gm, "layer1.0.conv2", _widened_conv(gm.get_submodule("layer1.0.conv2"), 72), inplace=True)
     assert_frozen(gm, before)
-    assert gm in calls
+    assert len(calls) == 6
     monkeypatch.undo()
     edited = fxindex.replace(gm, "layer1.0.conv2", _widened_conv(gm.get_submodule("layer1.0.conv2"), 72), inplace=True)
     assert edited is gm and gm.conv1.out_channels == 72
@@ -175,10 +176,16 @@ def test_a_layer_scale_parameter_follows_the_group_and_is_undone_on_failure(monk
     assert torch.equal(result.gamma[:6], model.gamma)
     torch.testing.assert_close(outputs(result, x), outputs(model, x), rtol=1e-5, atol=1e-5)
     # in place, a failure after the tensors are set puts gamma back as well
-    replace_module = sys.modules["fxindex.replace"]
-    real = replace_module.speed_up
-    monkeypatch.setattr(replace_module, "speed_up", lambda m: (_ for _ in ()).throw(RuntimeError("x")) if m is gm else real(m))
-    with pytest.raises(RuntimeError):
+    log_class = sys.modules["fxindex.replace"]._ModuleTreeLog
+    real_set_tensor = log_class.set_tensor
+
+    def set_then_fail(self, target: str, value: torch.Tensor) -> None:
+        real_set_tensor(self, target, value)
+        if self.root is gm:
+            raise RuntimeError("injected after gamma was set")
+
+    monkeypatch.setattr(log_class, "set_tensor", set_then_fail)
+    with pytest.raises(RuntimeError, match="injected after gamma was set"):
         fxindex.replace(gm, "stem", new, inplace=True)
     assert_frozen(gm, before)
     assert gm.gamma is model.gamma

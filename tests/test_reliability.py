@@ -306,7 +306,23 @@ def test_inplace_install_is_all_or_nothing(monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr(fx.Graph, "lint", broken_lint)
     with pytest.raises(RuntimeError, match="injected at Graph.lint"):
+        fxindex.remove(gm, "act", inplace=True)  # a removal changes the graph: it is linted
+    assert_frozen(gm, before)
+    monkeypatch.undo()
+    # a replace that only swaps modules does not touch the graph; a failure on its second swap undoes the first
+    real_add_module = nn.Module.add_module
+    calls: list[str] = []
+
+    def failing_second_add(self: nn.Module, name: str, module: Any) -> None:
+        calls.append(name)
+        if len(calls) == 2:
+            raise RuntimeError("injected at add_module")
+        real_add_module(self, name, module)
+
+    monkeypatch.setattr(nn.Module, "add_module", failing_second_add)
+    with pytest.raises(RuntimeError, match="injected at add_module"):
         fxindex.replace(gm, "fc1", nn.Linear(4, 11), inplace=True)
+    assert calls == ["fc1", "fc2"]
     assert_frozen(gm, before)
     monkeypatch.undo()
     # and a failure after the modules are set (while recompiling) puts them back too
@@ -319,7 +335,7 @@ def test_inplace_install_is_all_or_nothing(monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr(replace_module, "speed_up", broken_speed_up)
     for edit in (
-        lambda: fxindex.replace(gm, "fc1", nn.Linear(4, 11), inplace=True),
+        lambda: fxindex.insert(gm, "fc1", nn.Linear(8, 8), inplace=True),
         lambda: fxindex.remove(gm, "act", inplace=True),
         lambda: fxindex.insert(gm, "act", nn.Tanh(), inplace=True),
     ):
@@ -483,3 +499,82 @@ def test_concurrent_plans_on_one_train_mode_model_leave_its_statistics_alone() -
     assert errors == []
     assert_frozen(gm, before)
     assert int(gm.get_submodule("1").num_batches_tracked) == 0
+
+
+def test_a_module_only_swap_keeps_the_generated_code_and_a_deferred_block_generates_it_once() -> None:
+    model = chain()
+    gm = fxindex.trace(model, example_inputs=X)
+    code = gm.code
+    new = _copy_linear(model.fc1, 11)
+    result = fxindex.replace(gm, "fc1", new, inplace=True)
+    assert result.code == code  # no new generation: the fast-lookup cache sees the swapped modules
+    assert result.fc1 is new and result.fc2.in_features == 11
+    torch.testing.assert_close(outputs(result, X), outputs(model, X))
+    assert tuple(result.graph.find_nodes(op="call_module", target="fc1")[0].meta["tensor_meta"].shape) == (3, 11)
+    import sys
+
+    replace_module = sys.modules["fxindex.replace"]
+    generated: list[fx.GraphModule] = []
+    real = replace_module.speed_up
+
+    def counting(module: fx.GraphModule) -> fx.GraphModule:
+        generated.append(module)
+        return real(module)
+
+    gm = fxindex.trace(vgg_head(), example_inputs=VGG_X)
+    expected = outputs(fxindex.remove(fxindex.insert(gm, 0, nn.Tanh()), [3, 6]), VGG_X)
+    replace_module.speed_up = counting
+    try:
+        with fxindex.deferred_codegen(gm):
+            fxindex.insert(gm, 0, nn.Tanh(), inplace=True)
+            with pytest.raises(RuntimeError, match="inside fxindex.deferred_codegen"):
+                gm(*VGG_X)
+            fxindex.remove(gm, fxindex.index(gm).find(nn.Dropout), inplace=True)
+            assert generated == []
+    finally:
+        replace_module.speed_up = real
+    assert generated == [gm]
+    assert torch.equal(outputs(gm, VGG_X), expected)
+    gm.graph.lint()
+
+
+def _storages(module: nn.Module) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
+
+
+def test_the_default_copy_shares_nothing_and_skips_the_replaced_layers_tensors() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 2)).eval()
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)).eval()
+    tied[1].weight = tied[0].weight  # a tied weight: replacing one layer must still copy it for the other
+    gm = fxindex.trace(model, example_inputs=X)
+    result = fxindex.replace(gm, 0, _copy_linear(gm.get_submodule("0"), 64))
+    assert not (_storages(result) & _storages(gm))
+    torch.testing.assert_close(outputs(result, X), outputs(model, X))
+    tied_gm = fxindex.trace(tied, example_inputs=X)
+    tied_result = fxindex.replace(tied_gm, 0, nn.Linear(4, 4))
+    assert not (_storages(tied_result) & _storages(tied_gm))
+    assert torch.equal(tied_result.get_submodule("1").weight, tied[0].weight)
+
+
+def test_share_untouched_shares_exactly_the_tensors_the_edit_does_not_rebuild() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    gm = fxindex.trace(model, example_inputs=X)
+    new = _copy_linear(gm.get_submodule("3"), 9)
+    light = fxindex.replace(gm, 3, new, share_untouched=True)
+    for name in ("0", "1"):  # untouched: the very same tensors
+        for (key, a), (_, b) in zip(light.get_submodule(name).state_dict(keep_vars=True).items(),
+                                    gm.get_submodule(name).state_dict(keep_vars=True).items()):
+            assert a is b, f"{name}.{key} was copied"
+    assert light.get_submodule("3") is new
+    assert light.get_submodule("5").in_features == 9 and not (_storages(light.get_submodule("5")) & _storages(gm))
+    torch.testing.assert_close(outputs(light, X), outputs(model, X))
+    # documented consequence: a training step on the light copy moves the shared weights of the original
+    before = gm.get_submodule("0").weight.detach().clone()
+    light.train()
+    light(*X).sum().backward()
+    torch.optim.SGD(light.parameters(), lr=0.1).step()
+    assert not torch.equal(gm.get_submodule("0").weight, before)
+    with pytest.raises(TypeError, match="share_untouched=True is for copies"):
+        fxindex.replace(gm, 3, new, share_untouched=True, inplace=True)
