@@ -397,13 +397,42 @@ def test_batchnorm_subclass_leaf_and_functional_batch_norm():
     assert found.consumers == ("out",)
 
 
-def test_an_op_without_a_rule_blocks_the_group_and_names_it():
+def test_a_roll_along_the_channels_blocks_the_group_and_names_it():
     gm = traced(RollNet(), image())
     found = group(gm, "conv")
     assert not found.resizable
     assert found.blocked_by == "roll" and found.blocked_op == "torch.roll"
-    assert "no channel-space rule" in (found.reason or "")
+    assert "rolls along this dim" in (found.reason or "")
     assert "blocked by node 'roll' (torch.roll)" in str(found)
+
+
+def test_an_op_without_a_rule_blocks_the_group_and_names_it():
+    class FlipNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 1)
+            self.out = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.flip(self.conv(x), [1]))
+
+    found = group(traced(FlipNet(), image()), "conv")
+    assert not found.resizable and found.blocked_by == "flip"
+    assert "no channel-space rule for torch.flip" in (found.reason or "")
+
+
+def test_a_roll_along_other_dims_passes_the_channels():
+    class ShiftNet(nn.Module):  # Swin's shifted windows roll H and W only
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 1)
+            self.out = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.roll(self.conv(x), shifts=(1, 1), dims=(2, 3)))
+
+    found = group(traced(ShiftNet(), image()), "conv")
+    assert found.resizable and found.consumers == ("out",)
 
 
 def test_resnet18_stem_group_membership():

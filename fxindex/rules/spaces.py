@@ -1126,13 +1126,19 @@ def relate_pad(context: SpaceContext) -> None:
     _, dims = _input(context)
     pads = argument(context.node, 1, "pad")
     shape = context.shape(context.node)
-    if dims is None or shape is None or not isinstance(pads, (tuple, list)) or not all(isinstance(p, int) for p in pads):
-        context.block_inputs("pad with computed amounts")
+    if dims is None or shape is None or not isinstance(pads, (tuple, list)) or len(shape) != len(dims):
+        context.block_inputs("pad of a non-tensor or with computed pads")
         return
     result = list(dims)
     for i in range(len(pads) // 2):
         dim = len(dims) - 1 - i
         before, after = pads[2 * i], pads[2 * i + 1]
+        if not (isinstance(before, int) and isinstance(after, int)):
+            # Amounts computed at run time (swin pads H and W to a window multiple): only this dim is
+            # unknown; its recorded width is the padded one, and it cannot be resized.
+            result[dim] = context.fresh(shape[dim])
+            context.block([dims[dim], result[dim]], "pad by amounts computed at run time")
+            continue
         if before == after == 0:
             continue
         if before < 0 or after < 0:
@@ -1317,4 +1323,30 @@ def relate_functional_group_norm(context: SpaceContext) -> None:
         context.concat(channels, [context.fresh(shape[1] // groups) for _ in range(groups)], equal=True)
     context.member("carrier", "channels", channels, f"F.group_norm({groups} groups)", _functional_group_norm_edit)
     context.member("normalizer", "channels", channels, "group_norm statistics")
+    context.output(dims)
+
+
+@register_space_rule(torch.roll, "roll")
+def relate_roll(context: SpaceContext) -> None:
+    """torch.roll: the dims it rolls cannot be resized (a roll moves slots across the end); the others pass.
+
+    Swin's shifted windows roll H and W; the channels pass through. A roll
+    without ``dims`` rolls the flattened tensor: every dim is blocked.
+    """
+    _, dims = _input(context)
+    rolled = argument(context.node, 2, "dims")
+    if dims is None:
+        context.block_inputs("roll of a non-tensor")
+        return
+    if rolled is None:
+        context.block_inputs("roll of the flattened tensor (no dims)")
+        context.output(dims)
+        return
+    rolled = (rolled,) if isinstance(rolled, int) else rolled
+    if not all(isinstance(d, int) for d in rolled):
+        context.block_inputs("roll along computed dims")
+        context.output(dims)
+        return
+    for d in rolled:
+        context.block(dims[d % len(dims)], "rolls along this dim: new slots would move across its end")
     context.output(dims)
