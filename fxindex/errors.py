@@ -20,6 +20,7 @@ __all__ = [
     "RecipeError",
     "EditError",
     "EditWarning",
+    "RegistrationError",
 ]
 
 
@@ -80,6 +81,10 @@ class RecipeError(FxIndexError, ValueError):
 
 class EditError(FxIndexError, ValueError):
     """An edit's arguments do not fit the layer (``keep=`` indices, a missing layer...)."""
+
+
+class RegistrationError(FxIndexError, ValueError):
+    """A rule or layer registration clashes with one already registered (pass ``replace=True``)."""
 
 
 class EditWarning(UserWarning):

@@ -39,7 +39,7 @@ from typing import Any, Union
 import torch
 from torch import fx, nn
 
-from fxindex.errors import EditError, PropagationError, ShapesRequiredError
+from fxindex.errors import EditError, PropagationError, RegistrationError, ShapesRequiredError
 from fxindex.shapes import TensorMetadata, shapes_recorded
 
 __all__ = [
@@ -238,7 +238,7 @@ def register_space_rule(*keys: type | Callable[..., Any] | str, replace: bool = 
 
     Raises:
         TypeError: no keys, or a key that is none of these.
-        ValueError: a key already has a rule and ``replace`` is false.
+        RegistrationError: a key already has a rule and ``replace`` is false.
     """
     if not keys:
         raise TypeError("register_space_rule needs at least one module type, function or method name")
@@ -249,7 +249,7 @@ def register_space_rule(*keys: type | Callable[..., Any] | str, replace: bool = 
                 raise TypeError(f"a space rule key is a module type, a function or a method name, got {key!r}")
             if key in _SPACE_RULES and not replace:
                 name = key if isinstance(key, str) else getattr(key, "__qualname__", repr(key))
-                raise ValueError(
+                raise RegistrationError(
                     f"a space rule for {name} is already registered ({_SPACE_RULES[key].__name__}); "
                     "pass replace=True to override it"
                 )

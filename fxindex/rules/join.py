@@ -73,11 +73,21 @@ def join_operands(step: Step, operands: list[Any]) -> ChannelChange:
     unchanged = [node for node in unchanged if step.old_meta(node) is not None]
     if conflict or unchanged:
         branches = ", ".join(_shape_text(step, node) for node in nodes)
-        raise step.fail(
-            f"the operands of this elementwise join do not change identically: {branches}. "
-            "Both branches must change the same way; replace the layers that feed every branch together "
-            "(one batch replace {i: layer_i, j: layer_j}), or edit a layer that is not inside the residual block"
-        )
+        fixed = [node for node in unchanged if node.op == "get_attr"]
+        if fixed:
+            # The other operand is a parameter or buffer, not a branch: no layer feeds it.
+            names = ", ".join(f"'{node.target}'" for node in fixed)
+            hint = (
+                f"the other operand is the parameter {names}, which keeps its size; resize its whole channel "
+                "group (fxindex.resize, or replace with couple=True) so it is resized too"
+            )
+        else:
+            hint = (
+                "Both branches must change the same way; replace the layers that feed every branch together "
+                "(one batch replace {i: layer_i, j: layer_j}), resize the whole channel group (fxindex.resize, "
+                "or replace with couple=True), or edit a layer that is not inside the residual block"
+            )
+        raise step.fail(f"the operands of this elementwise join do not change identically: {branches}. {hint}")
     return first
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from fxindex.errors import PropagationError, ShapesRequiredError
+from fxindex.errors import PropagationError, RegistrationError, ShapesRequiredError
 from fxindex.shapes import TensorMetadata, tensor_meta
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "register_widths",
     "find_rule",
     "find_widths",
-    "rule_key",
     "describe_target",
 ]
 
@@ -244,7 +243,7 @@ def register_rule(*keys: RuleKey, replace: bool = False) -> Callable[[Rule], Rul
             if not (isinstance(key, str) or callable(key)):
                 raise TypeError(f"a rule key is a module type, a function or a method name, got {key!r}")
             if key in _RULES and not replace:
-                raise ValueError(
+                raise RegistrationError(
                     f"a rule for {_key_name(key)} is already registered ({_RULES[key].__name__}); "
                     "pass replace=True to override it"
                 )
@@ -260,18 +259,11 @@ def register_widths(*module_types: type[nn.Module]) -> Callable[[Callable[[Any],
     def decorate(function: Callable[[Any], Widths]) -> Callable[[Any], Widths]:
         for module_type in module_types:
             if module_type in _WIDTHS:
-                raise ValueError(f"widths for {module_type.__qualname__} are already registered")
+                raise RegistrationError(f"widths for {module_type.__qualname__} are already registered")
             _WIDTHS[module_type] = function
         return function
 
     return decorate
-
-
-def rule_key(node: fx.Node, module: nn.Module | None) -> Any:
-    """The object a node's rule is registered under (its module's type, function or method name)."""
-    if node.op == "call_module":
-        return type(module)
-    return node.target
 
 
 def find_rule(node: fx.Node, module: nn.Module | None) -> Rule | None:
@@ -300,7 +292,13 @@ def find_widths(module: nn.Module) -> Widths | None:
 def describe_target(node: fx.Node) -> str:
     """A short human name of what a node does: ``Conv2d``, ``torch.flatten``, ``.view()``."""
     if node.op == "call_module":
-        return f"call_module {node.target}"
+        # The class says what the layer is; "call_module 1" alone does not.
+        owner = node.graph.owning_module
+        try:
+            kind = type(owner.get_submodule(str(node.target))).__name__ if owner is not None else None
+        except AttributeError:
+            kind = None
+        return f"call_module {node.target} ({kind})" if kind else f"call_module {node.target}"
     if node.op == "call_method":
         return f".{node.target}()"
     if node.op == "call_function":
@@ -320,11 +318,6 @@ def argument(node: fx.Node, position: int, name: str, default: Any = None) -> An
     if len(node.args) > position:
         return node.args[position]
     return node.kwargs.get(name, default)
-
-
-def tensor_arguments(node: fx.Node) -> list[fx.Node]:
-    """The node's inputs that are fx nodes, flattened from lists and tuples."""
-    return list(node.all_input_nodes)
 
 
 def remap(tensor: torch.Tensor, dim: int, mapping: Sequence[int | None], fresh: torch.Tensor | float = 0.0) -> torch.Tensor:
