@@ -29,13 +29,19 @@ from fxindex.plan import Plan
 from fxindex.propagate import Target, planner_for
 from fxindex.shapes import TensorMetadata, record_shapes_on
 
-__all__ = ["plan_coupled"]
+__all__ = ["plan_coupled", "zeros_like_recorded"]
 
 
-def _zeros_like_recorded(graph: fx.Graph, device: torch.device) -> tuple[Any, ...] | None:
-    """Inputs shaped like the recorded placeholders (zeros: an index input must stay in range)."""
+def zeros_like_recorded(graph_module: fx.GraphModule) -> tuple[Any, ...] | None:
+    """Inputs shaped like ``graph_module``'s recorded placeholders, or ``None`` when one is unknown.
+
+    Zeros, not empty memory: an index input (Embedding) must stay in range if
+    a real run is needed. An optional argument left out gets its default.
+    """
+    first = next(iter(graph_module.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
     inputs: list[Any] = []
-    for node in graph.nodes:
+    for node in graph_module.graph.nodes:
         if node.op != "placeholder":
             continue
         meta = node.meta.get("tensor_meta")
@@ -160,9 +166,7 @@ def _verified_shapes(view: fx.GraphModule, planned: Plan, target: Target) -> dic
     """Install ``planned`` into ``view`` and record every node's shape on fake tensors: the new shapes."""
     from fxindex.replace import apply_plan
 
-    first = next(iter(view.parameters()), None)
-    device = first.device if first is not None else torch.device("cpu")
-    inputs = _zeros_like_recorded(view.graph, device)
+    inputs = zeros_like_recorded(view)
     for target_name in planned.tensors:
         _own_owner(view, target_name)
     apply_plan(view, planned)

@@ -33,7 +33,7 @@ from fxindex.plan import Plan, PlannedEdit
 from fxindex.preserve import own_forward, verify_rebuilt
 from fxindex.recipe import record_edit, restore_meta
 from fxindex.replace import _as_slots, apply_plan
-from fxindex.shapes import TensorMetadata, record_shapes
+from fxindex.shapes import record_shapes
 from fxindex.spaces import (
     NodeEdit,
     RebuildRequest,
@@ -268,24 +268,12 @@ def _copy(graph_module: fx.GraphModule) -> fx.GraphModule:
 
 
 def _check_inputs(graph_module: fx.GraphModule, example_inputs: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
-    """Inputs to shape-check the result with: the caller's, or empty tensors shaped like the recorded ones."""
+    """Inputs to shape-check the result with: the caller's, or zeros shaped like the recorded ones."""
     if example_inputs is not None:
         return example_inputs
-    first = next(iter(graph_module.parameters()), None)
-    device = first.device if first is not None else torch.device("cpu")
-    inputs: list[Any] = []
-    for node in graph_module.graph.nodes:
-        if node.op != "placeholder":
-            continue
-        meta = node.meta.get("tensor_meta")
-        if isinstance(meta, TensorMetadata):
-            # Zeros, not empty memory: an index input (Embedding) must stay in range if a real run is needed.
-            inputs.append(torch.zeros(meta.shape, dtype=meta.dtype, device=device))
-        elif node.args:
-            inputs.append(node.args[0])  # an optional argument left at its default
-        else:
-            return None
-    return tuple(inputs)
+    from fxindex.couple import zeros_like_recorded
+
+    return zeros_like_recorded(graph_module)
 
 
 def _plan_resize(

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 import torchvision
-from torch import fx, nn
+from torch import nn
 
 import fxindex
 

@@ -35,8 +35,11 @@ from fxindex.rules.elementwise import (
     ELEMENTWISE_FUNCTIONS,
     ELEMENTWISE_METHODS,
     ELEMENTWISE_MODULES,
+    SOFTMAX_ATEN,
+    UPSAMPLE_ATEN,
+    aten_overloads,
 )
-from fxindex.rules.join import _BINARY
+from fxindex.rules.join import _BINARY, CAT_ATEN
 from fxindex.rules.rebuild import rebuild
 from fxindex.rules.registry import argument, remap
 from fxindex.rules.reshape import _shape_arguments, group_dimensions
@@ -195,7 +198,6 @@ def _rebuild_conv(request: RebuildRequest) -> NodeEdit:
         # Grouped: each group's filters read only that group's inputs, with group-local in-slots.
         local_out = _group_local(out, groups, module.out_channels)
         local_in = _group_local(inp, groups, module.in_channels)
-        old_out_block, old_in_block = module.out_channels // groups, module.in_channels // groups
         old_out_block = module.out_channels // groups
         pieces = [
             remap(remap(weight.narrow(0, g * old_out_block, old_out_block), 0, local_out[g]), 1, local_in[g])
@@ -540,7 +542,7 @@ def relate_pool_function(context: SpaceContext) -> None:
     _spatial(context, _POOL_FUNCTIONS[context.node.target])
 
 
-@register_space_rule(nn.Upsample, F.interpolate)
+@register_space_rule(nn.Upsample, F.interpolate, *UPSAMPLE_ATEN)
 def relate_upsample(context: SpaceContext) -> None:
     _, dims = _input(context)
     _spatial(context, len(dims) - 2 if dims is not None else 0)
@@ -558,7 +560,7 @@ def relate_softmax_module(context: SpaceContext) -> None:
     _softmax(context, context.module.dim)  # type: ignore[union-attr]
 
 
-@register_space_rule(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax")
+@register_space_rule(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax", *SOFTMAX_ATEN)
 def relate_softmax(context: SpaceContext) -> None:
     _softmax(context, argument(context.node, 1, "dim"))
 
@@ -575,7 +577,7 @@ def relate_metadata(context: SpaceContext) -> None:
 # --------------------------------------------------------------------------------- joins
 
 
-@register_space_rule(*_BINARY, torch.where)
+@register_space_rule(*_BINARY, torch.where, *aten_overloads("where.self"))
 def relate_binary(context: SpaceContext) -> None:
     """Elementwise ops with broadcasting: dims that meet at the same size are one space."""
     shape = context.shape(context.node)
@@ -616,7 +618,7 @@ def describe_op(node: fx.Node) -> str:
     return getattr(target, "__name__", str(target))
 
 
-@register_space_rule(torch.cat, torch.concat, torch.concatenate)
+@register_space_rule(torch.cat, torch.concat, torch.concatenate, *CAT_ATEN)
 def relate_cat(context: SpaceContext) -> None:
     """Concatenation: along ``dim`` the result is its parts side by side; other dims are one space."""
     tensors = list(argument(context.node, 0, "tensors"))
@@ -644,7 +646,7 @@ def relate_cat(context: SpaceContext) -> None:
     context.output(tuple(result))
 
 
-@register_space_rule(torch.stack)
+@register_space_rule(torch.stack, *aten_overloads("stack.default"))
 def relate_stack(context: SpaceContext) -> None:
     tensors = list(argument(context.node, 0, "tensors"))
     dim = argument(context.node, 1, "dim", 0)
@@ -662,7 +664,7 @@ def relate_stack(context: SpaceContext) -> None:
     context.output(tuple(result))
 
 
-@register_space_rule(torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm")
+@register_space_rule(torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm", *aten_overloads("matmul.default", "bmm.default", "mm.default"))
 def relate_matmul(context: SpaceContext) -> None:
     """Matrix product: the contracted dims are one space; batch dims broadcast."""
     first, second = context.node.args[0], context.node.args[1]
@@ -714,7 +716,7 @@ def relate_flatten_module(context: SpaceContext) -> None:
     _flatten(context, module.start_dim, module.end_dim)
 
 
-@register_space_rule(torch.flatten, "flatten")
+@register_space_rule(torch.flatten, "flatten", *aten_overloads("flatten.using_ints"))
 def relate_flatten(context: SpaceContext) -> None:
     _flatten(context, argument(context.node, 1, "start_dim", 0), argument(context.node, 2, "end_dim", -1))
 
@@ -767,7 +769,7 @@ def _regroup(context: SpaceContext) -> tuple[int, ...] | None:
     return tuple(space if space is not None else context.fresh(shape[d]) for d, space in enumerate(out))
 
 
-@register_space_rule("view", "reshape", torch.reshape)
+@register_space_rule("view", "reshape", torch.reshape, *aten_overloads("view.default", "reshape.default", "_unsafe_view.default"))
 def relate_view(context: SpaceContext) -> None:
     """A reshape regroups runs of dims; its size constants follow the widths they state."""
     result = _regroup(context)
@@ -802,7 +804,7 @@ def relate_reshape_as(context: SpaceContext) -> None:
     context.output(result)
 
 
-@register_space_rule("permute", torch.permute)
+@register_space_rule("permute", torch.permute, *aten_overloads("permute.default"))
 def relate_permute(context: SpaceContext) -> None:
     _, dims = _input(context)
     order, _ = _shape_arguments(context.node, 1)
@@ -812,7 +814,7 @@ def relate_permute(context: SpaceContext) -> None:
     context.output(tuple(dims[d % len(dims)] for d in order))
 
 
-@register_space_rule("transpose", torch.transpose)
+@register_space_rule("transpose", torch.transpose, *aten_overloads("transpose.int"))
 def relate_transpose(context: SpaceContext) -> None:
     _, dims = _input(context)
     first, second = argument(context.node, 1, "dim0"), argument(context.node, 2, "dim1")
@@ -825,7 +827,7 @@ def relate_transpose(context: SpaceContext) -> None:
     context.output(tuple(result))
 
 
-@register_space_rule("unsqueeze", torch.unsqueeze)
+@register_space_rule("unsqueeze", torch.unsqueeze, *aten_overloads("unsqueeze.default"))
 def relate_unsqueeze(context: SpaceContext) -> None:
     _, dims = _input(context)
     dim = argument(context.node, 1, "dim")
@@ -836,7 +838,7 @@ def relate_unsqueeze(context: SpaceContext) -> None:
     context.output(dims[:dim] + (context.fresh(1),) + dims[dim:])
 
 
-@register_space_rule("squeeze", torch.squeeze)
+@register_space_rule("squeeze", torch.squeeze, *aten_overloads("squeeze.dim", "squeeze.dims", "squeeze.default"))
 def relate_squeeze(context: SpaceContext) -> None:
     node, dims = _input(context)
     old = context.shape(node)
@@ -862,7 +864,10 @@ def _rebuild_expand(request: RebuildRequest) -> NodeEdit:
     return NodeEdit(args=(node.args[0],) + shape_args, weights="sizes rewritten")
 
 
-@register_space_rule("expand", "expand_as")
+_EXPAND_ATEN = aten_overloads("expand.default")
+
+
+@register_space_rule("expand", "expand_as", *_EXPAND_ATEN)
 def relate_expand(context: SpaceContext) -> None:
     """Expand: dims that keep their size are the input's; broadcast ones are fresh."""
     node, dims = _input(context)
@@ -875,7 +880,7 @@ def relate_expand(context: SpaceContext) -> None:
     result = list(context.fresh_dims(shape[:offset]))
     for i, space in enumerate(dims):
         result.append(space if old[i] == shape[offset + i] else context.fresh(shape[offset + i]))
-    if context.node.target == "expand":
+    if context.node.target == "expand" or context.node.target in _EXPAND_ATEN:
         sizes, _ = _shape_arguments(context.node, 1)
         for position, size in enumerate(sizes):
             if isinstance(size, int) and size not in (-1, 1) and position >= offset:
@@ -1058,7 +1063,7 @@ def _part_sizes(context: SpaceContext) -> list[int] | None:
     return [int(item.shape[dim % len(dims)]) for item in meta]
 
 
-@register_space_rule(torch.split, "split")
+@register_space_rule(torch.split, "split", *aten_overloads("split.Tensor", "split_with_sizes.default"))
 def relate_split(context: SpaceContext) -> None:
     """split: the parts of the split dim, side by side (an int size keeps the parts equal)."""
     sizes = _part_sizes(context)
@@ -1073,7 +1078,7 @@ def relate_split(context: SpaceContext) -> None:
     _split_parts(context, sizes, argument(context.node, 2, "dim", 0), equal, _rebuild_split)
 
 
-@register_space_rule(torch.chunk, "chunk")
+@register_space_rule(torch.chunk, "chunk", *aten_overloads("chunk.default"))
 def relate_chunk(context: SpaceContext) -> None:
     """chunk: equal parts of the chunked dim (they must stay equal)."""
     sizes = _part_sizes(context)
@@ -1086,7 +1091,10 @@ def relate_chunk(context: SpaceContext) -> None:
 # --------------------------------------------------------------------------------- reductions
 
 
-@register_space_rule(torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin")
+@register_space_rule(
+    torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin",
+    *aten_overloads("mean.dim", "mean.default", "sum.dim_IntList", "sum.default", "amax.default", "amin.default"),
+)  # fmt: skip
 def relate_reduction(context: SpaceContext) -> None:
     """Reductions drop (or keep at width 1) the reduced dims; a mean or max mixes the slots it reduces."""
     _, dims = _input(context)
@@ -1095,8 +1103,8 @@ def relate_reduction(context: SpaceContext) -> None:
     if dims is None:
         context.block_inputs("reduction of a non-tensor")
         return
-    if reduced_arg is None:
-        reduced = set(range(len(dims)))
+    if reduced_arg is None or (isinstance(reduced_arg, (tuple, list)) and not reduced_arg):
+        reduced = set(range(len(dims)))  # no dims, or an empty list (amax.default): every dim
     elif isinstance(reduced_arg, int):
         reduced = {reduced_arg % len(dims)}
     elif isinstance(reduced_arg, (tuple, list)) and all(isinstance(d, int) for d in reduced_arg):
@@ -1104,7 +1112,8 @@ def relate_reduction(context: SpaceContext) -> None:
     else:
         context.block_inputs("reduction over computed dims")
         return
-    name = getattr(context.node.target, "__name__", str(context.node.target))
+    # An ATen overload's name carries its overload ("sum.dim_IntList").
+    name = getattr(context.node.target, "__name__", str(context.node.target)).split(".")[0]
     if name != "sum":
         for d in reduced:
             context.member("normalizer", f"dim{d}", dims[d], f"{name} over the dim")
@@ -1120,7 +1129,7 @@ def relate_reduction(context: SpaceContext) -> None:
 # --------------------------------------------------------------------------------- padding
 
 
-@register_space_rule(F.pad)
+@register_space_rule(F.pad, *aten_overloads("pad.default", "constant_pad_nd.default"))
 def relate_pad(context: SpaceContext) -> None:
     """F.pad: a padded dim is ``[pre][input][post]``; other dims pass."""
     _, dims = _input(context)
@@ -1157,7 +1166,10 @@ def relate_pad(context: SpaceContext) -> None:
 
 def _fill_value(node: fx.Node) -> float:
     """New slots of a parameter: 1 when every use multiplies or divides by it, else 0."""
-    multiplicative = {operator.mul, operator.imul, torch.mul, "mul", "mul_", operator.truediv, torch.div, "div"}
+    multiplicative = {
+        operator.mul, operator.imul, torch.mul, "mul", "mul_", operator.truediv, torch.div, "div",
+        *aten_overloads("mul.Tensor", "mul_.Tensor", "div.Tensor", "div_.Tensor"),
+    }  # fmt: skip
     users = list(node.users)
     if users and all(user.target in multiplicative for user in users if user.op != "output"):
         # Divisor or factor: 1 leaves a new slot's values as they come.
@@ -1199,7 +1211,7 @@ def _no_op(request: RebuildRequest) -> NodeEdit:
     return NodeEdit()
 
 
-@register_space_rule(F.linear)
+@register_space_rule(F.linear, *aten_overloads("linear.default"))
 def relate_functional_linear(context: SpaceContext) -> None:
     """F.linear(x, weight, bias): the weight's dims tie the input's last dim and the output's."""
     _, dims = _input(context)
@@ -1216,7 +1228,10 @@ def relate_functional_linear(context: SpaceContext) -> None:
     context.output(dims[:-1] + (weight[0],))
 
 
-@register_space_rule(*dict.fromkeys((F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)))
+@register_space_rule(
+    *dict.fromkeys((F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)),
+    *aten_overloads("conv1d.default", "conv2d.default", "conv3d.default"),
+)
 def relate_functional_conv(context: SpaceContext) -> None:
     """F.convNd(x, weight, bias, ..., groups=1): the weight's dims tie input and output channels."""
     _, dims = _input(context)
@@ -1239,12 +1254,23 @@ def relate_functional_conv(context: SpaceContext) -> None:
 @register_space_rule(F.batch_norm)
 def relate_functional_batch_norm(context: SpaceContext) -> None:
     """F.batch_norm(x, running_mean, running_var, weight, bias, ...): all carry the channel dim."""
+    _batch_norm(context, ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")))
+
+
+@register_space_rule(*aten_overloads("batch_norm.default"))
+def relate_aten_batch_norm(context: SpaceContext) -> None:
+    """aten.batch_norm(x, weight, bias, running_mean, running_var, ...): F.batch_norm's tensors in ATen's order."""
+    _batch_norm(context, ((1, "weight"), (2, "bias"), (3, "running_mean"), (4, "running_var")))
+
+
+def _batch_norm(context: SpaceContext, tensors: tuple[tuple[int, str], ...]) -> None:
+    """Batch norm: the input's channel dim and every per-channel tensor (by position) are one space."""
     _, dims = _input(context)
     if dims is None:
         context.block_inputs("batch_norm of a non-tensor")
         return
     channels = dims[_channel_axis(len(dims))]
-    for position, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
+    for position, name in tensors:
         node = argument(context.node, position, name)
         tensor = context.dims(node)
         if tensor is not None:
@@ -1270,7 +1296,7 @@ def _rebuild_functional_layer_norm(request: RebuildRequest) -> NodeEdit:
     )
 
 
-@register_space_rule(F.layer_norm)
+@register_space_rule(F.layer_norm, *aten_overloads("layer_norm.default"))
 def relate_functional_layer_norm(context: SpaceContext) -> None:
     """F.layer_norm(x, normalized_shape, weight, bias): carries and mixes the normalised dims."""
     _, dims = _input(context)
@@ -1303,7 +1329,7 @@ def _functional_group_norm_edit(request: RebuildRequest) -> NodeEdit:
     )
 
 
-@register_space_rule(F.group_norm)
+@register_space_rule(F.group_norm, *aten_overloads("group_norm.default"))
 def relate_functional_group_norm(context: SpaceContext) -> None:
     """F.group_norm(x, num_groups, weight, bias): carries the channels in ``num_groups`` equal blocks and mixes them."""
     _, dims = _input(context)
@@ -1326,7 +1352,7 @@ def relate_functional_group_norm(context: SpaceContext) -> None:
     context.output(dims)
 
 
-@register_space_rule(torch.roll, "roll")
+@register_space_rule(torch.roll, "roll", *aten_overloads("roll.default"))
 def relate_roll(context: SpaceContext) -> None:
     """torch.roll: the dims it rolls cannot be resized (a roll moves slots across the end); the others pass.
 
@@ -1350,3 +1376,85 @@ def relate_roll(context: SpaceContext) -> None:
     for d in rolled:
         context.block(dims[d % len(dims)], "rolls along this dim: new slots would move across its end")
     context.output(dims)
+
+
+# --------------------------------------------------------------------------------- ATen slicing
+
+
+def _rebuild_aten_slice(request: RebuildRequest) -> NodeEdit:
+    """Move ``aten.slice.Tensor``'s start and end (or ``aten.select.int``'s index) with their part."""
+    node = request.node
+    slots = request.old_widths
+    pre = request.width("pre@0") if "pre@0" in slots else 0
+    part = request.width("part@0")
+    whole, old_whole = request.width("whole@0"), slots["whole@0"]
+
+    def bound(old: Any, new: int, *, stop: bool = False) -> Any:
+        # Keep the caller's convention: None and a negative bound count from the end, and an
+        # end past the size (export writes x[:, 2:] with end 2**63 - 1) still means the end.
+        if old is None:
+            return None
+        if old < 0:
+            return old if stop and new == whole else new - whole
+        if stop and old >= old_whole and new == whole:
+            return old
+        return new
+
+    args = list(node.args)
+    if node.target in _SELECT_ATEN:
+        args[2] = bound(args[2], pre)
+    else:
+        args += [None] * (4 - len(args)) if len(args) < 4 else []
+        if len(node.args) < 2:
+            args[1] = 0
+        args[2] = bound(args[2], pre)
+        args[3] = bound(args[3], pre + part, stop=True)
+        args = args[: max(len(node.args), 4)]
+    if tuple(args) == tuple(node.args):
+        return NodeEdit()
+    return NodeEdit(args=tuple(args), weights=f"bounds {tuple(node.args[1:])!r} -> {tuple(args[1:])!r}")
+
+
+_SELECT_ATEN = aten_overloads("select.int")
+
+
+@register_space_rule(*aten_overloads("slice.Tensor"))
+def relate_aten_slice(context: SpaceContext) -> None:
+    """``aten.slice.Tensor(x, dim, start, end, step)`` (``x[:, a:b]`` in an export): a part of the sliced dim."""
+    node, dims = _input(context)
+    old = context.shape(node)
+    dim, start, end, step = (argument(context.node, i, name, default) for i, name, default in ((1, "dim", 0), (2, "start", None), (3, "end", None), (4, "step", 1)))
+    if dims is None or old is None or not isinstance(dim, int):
+        context.block_inputs("slice of a non-tensor or along a computed dim")
+        return
+    dim %= len(dims)
+    space, size = dims[dim], old[dim]
+    bounds = _slice_bounds(slice(start, end, step), size)
+    result = list(dims)
+    if bounds is None:
+        context.block(space, "slice with a step or computed bounds")
+        shape = context.shape(context.node)
+        result[dim] = context.fresh(shape[dim] if shape is not None else 1)
+        context.output(tuple(result))
+        return
+    first, stop = bounds
+    if (first, stop) != (0, size):
+        part = context.fresh(stop - first)
+        _slice_relation(context, space, size, first, stop, part, 0, _rebuild_aten_slice)
+        result[dim] = part
+    context.output(tuple(result))
+
+
+@register_space_rule(*_SELECT_ATEN)
+def relate_aten_select(context: SpaceContext) -> None:
+    """``aten.select.int(x, dim, index)`` (``x[:, 0]`` in an export): one slot of the dim, which goes away."""
+    node, dims = _input(context)
+    old = context.shape(node)
+    dim, index = argument(context.node, 1, "dim"), argument(context.node, 2, "index")
+    if dims is None or old is None or not isinstance(dim, int) or not isinstance(index, int):
+        context.block_inputs("select of a non-tensor or at a computed index")
+        return
+    dim %= len(dims)
+    first = index % old[dim]
+    _slice_relation(context, dims[dim], old[dim], first, first + 1, context.fresh(1), 0, _rebuild_aten_slice)
+    context.output(dims[:dim] + dims[dim + 1 :])
