@@ -385,8 +385,10 @@ def is_sped_up(gm: fx.GraphModule) -> bool:
     Example:
         >>> import torch, fxindex
         >>> from fxindex.speed import is_sped_up, speed_up
-        >>> gm = fxindex.trace(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(2, 2)))
         >>> is_sped_up(gm), is_sped_up(speed_up(gm))
         (False, True)
+        >>> is_sped_up(fxindex.trace(torch.nn.Linear(2, 2)))  # trace applies speed_up itself
+        True
     """
     return isinstance(gm, fx.GraphModule) and isinstance(gm.graph._codegen, FastLookupCodeGen)

@@ -40,9 +40,9 @@ def table(model: nn.Module | LayerIndex, example_inputs: tuple[Any, ...] | None 
     Example:
         >>> import torch, fxindex
         >>> print(fxindex.table(torch.nn.Sequential(torch.nn.Linear(2, 3)), (torch.randn(1, 2),)))
-          idx  name    type    input shape    output shape      params    call sites
+          idx    name  type    input shape    output shape      params    call sites
         -----  ------  ------  -------------  --------------  --------  ------------
-            0  0       Linear  1x2            1x3                    9             1
+            0       0  Linear  1x2            1x3                    9             1
     """
     layers = model if isinstance(model, LayerIndex) else index(model, example_inputs)
     rows = [

@@ -6,7 +6,15 @@ Add new fixtures below with a one-line docstring each.
 Fixtures:
     seed_model   -- fxindex.examples.SeedModel, seeded and in eval mode.
     seed_inputs  -- its example inputs, a tuple with one (2, 3, 28, 28) tensor.
-    _release_memory_after_each_test -- (autouse) gives freed heap memory back to the OS.
+
+Hooks:
+    pytest_xdist_auto_num_workers -- how many pytest-xdist workers ``-n auto``
+        (in pyproject's addopts) starts: 2 for the whole suite, none for a run
+        that names its tests.
+
+The zoo tests release memory after each model with fixtures of their own
+(tests/test_zoo_*.py); no fixture here runs after every test, because a full
+gc.collect() costs 0.1-0.5 s and there are over a thousand tests.
 """
 
 from __future__ import annotations
@@ -41,13 +49,51 @@ def seed_inputs() -> tuple[torch.Tensor]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    """Register the ``slow`` marker; in a pytest-xdist worker, share the CPUs out among the workers."""
     config.addinivalue_line("markers", "slow: takes seconds on its own (deselect with -m 'not slow')")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        # Each worker's torch would start one intra-op thread per CPU: two workers on two
+        # cores then spin-wait on each other's threads, and the zoo sweep ran 5-10x slower.
+        torch.set_num_threads(max(1, _cpu_count() // workers))
 
 
-@pytest.fixture(autouse=True)
-def _release_memory_after_each_test():
-    """The zoo tests build models of up to 645M parameters: trim the heap after each test."""
-    yield
-    import zoo  # a helper module beside this file
+def _cpu_count() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
-    zoo.release_memory()
+
+# At most this many workers: each may hold a zoo model of up to 645M parameters
+# (a peak of ~5 GB), and CI's machine has 2 cores and 24 GB.
+MAX_WORKERS = 2
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: no error where it is missing
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """The number of workers ``-n auto`` starts (pyproject's addopts passes it).
+
+    The whole suite (``python -m pytest -q``, tests taken from ``testpaths``)
+    runs on ``min(2, CPUs)`` workers: CI's machine is its own, and two workers
+    nearly halve its wall time. A run that names files, directories or node ids
+    (``pytest tests/test_index.py``) stays in one process, as a developer on a
+    shared machine expects. ``-n N`` on the command line or the environment
+    variable ``PYTEST_XDIST_AUTO_NUM_WORKERS=N`` chooses for any run
+    (0: no workers).
+
+    Args:
+        config: the pytest configuration, with its arguments parsed.
+
+    Returns:
+        The number of workers; 0 runs the tests in this process (also on one CPU,
+        where a worker would only add its start-up time).
+    """
+    chosen = os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS")
+    if chosen:
+        return int(chosen)
+    if config.args_source != pytest.Config.ArgsSource.TESTPATHS:
+        return 0
+    cpus = _cpu_count()
+    return min(MAX_WORKERS, cpus) if cpus > 1 else 0

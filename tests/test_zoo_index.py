@@ -2,7 +2,9 @@
 
 The model table lives in tests/zoo.py. For each model:
   * the index lists exactly the call_module nodes of the graph, in order, and
-    the same targets as an independent ``torch.fx.symbolic_trace``;
+    the same targets as torch.fx's own tracer with fxindex's documented leaf
+    rule written out here (subclasses of torch.nn layers, such as
+    torchvision's LayerNorm2d, are leaves);
   * ``index[i].module is gm.get_submodule(index[i].target)``;
   * per call site, the recorded input/output shapes equal those seen by
     forward hooks during a real eager forward, and ``call_sites`` equals the
@@ -22,6 +24,25 @@ from torch import nn
 
 import fxindex
 import zoo
+
+
+# torch.nn's holders: classes under torch.nn.modules that are not layers.
+_HOLDERS = (nn.Module, nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict, nn.Container)
+
+
+class _TorchLayerLeaves(torch.fx.Tracer):
+    """torch.fx's tracer, where a subclass of a torch.nn layer is a leaf too (fxindex's default).
+
+    Written out independently of fxindex.trace: a module is a leaf when a class
+    of its MRO is defined under ``torch.nn.modules`` and is not a holder.
+    """
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        layer_base = any(
+            base.__module__.startswith("torch.nn.modules.") and base not in _HOLDERS and issubclass(base, nn.Module)
+            for base in type(m).__mro__
+        )
+        return layer_base or super().is_leaf_module(m, module_qualified_name)
 
 
 def _shapes(value: Any) -> Any:
@@ -50,6 +71,20 @@ def _eager_call_shapes(model: nn.Module, modules: dict[str, nn.Module], inputs: 
         for handle in handles:
             handle.remove()
     return seen
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _frozen_heap():
+    """Freeze what is alive before the zoo, so the release after each model costs milliseconds."""
+    with zoo.frozen_heap():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _release_memory_after_each_model():
+    """Each test builds one model (up to 645M parameters): free it and trim the heap before the next."""
+    yield
+    zoo.release_memory()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -91,9 +126,9 @@ def test_zoo_index_matches_graph_and_real_forward(name):
     assert len(layers) == len(call_nodes) > 0
     assert [entry.node for entry in layers] == call_nodes
     assert [entry.index for entry in layers] == list(range(len(layers)))
-    # ... and the same targets torch.fx's own tracer finds.
-    reference = torch.fx.symbolic_trace(model)
-    assert [entry.target for entry in layers] == [n.target for n in reference.graph.nodes if n.op == "call_module"]
+    # ... and the same targets torch.fx's own tracer finds, with the same leaves.
+    reference = _TorchLayerLeaves().trace(model)
+    assert [entry.target for entry in layers] == [n.target for n in reference.nodes if n.op == "call_module"]
 
     targets = {entry.target for entry in layers}
     for entry in layers:
