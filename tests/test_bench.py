@@ -88,12 +88,16 @@ def test_cpu_peak_memory_counts_tensors_made_by_the_forward(x: torch.Tensor) -> 
     assert report["mlp"].peak_memory_bytes == 2 * 4 * 20 * 4
 
 
-def test_same_model_twice_has_a_speed_ratio_near_one(x: torch.Tensor) -> None:
+def test_speed_ratio_is_the_baseline_median_over_the_rows(x: torch.Tensor) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(10, 10) for _ in range(8)])
     report = bench({"first": model, "second": model}, (x,), **{**FAST, "min_run_time": 0.05})
-    # Interleaved rounds: the same model must not look twice as fast or slow as itself.
-    assert 0.5 <= report["second"].speed_ratio <= 2.0
+    # The ratio is the baseline's median over the row's (not a timing assertion: how close to 1
+    # it comes depends on the machine's load, which tests must not; benchmarks/ measures that).
+    assert report["first"].speed_ratio == pytest.approx(1.0)
+    second = report["second"]
+    assert second.speed_ratio == pytest.approx(report["first"].latency_median / second.latency_median)
+    assert second.speed_ratio > 0
 
 
 def test_output_difference_against_a_deepcopy_is_zero(linear: nn.Linear, x: torch.Tensor) -> None:
