@@ -214,10 +214,13 @@ def test_layer_sizes_that_cannot_be_built(saved: Path, kwargs: dict[str, Any], p
 
 
 def test_a_long_keep_list_with_repeats_is_refused_in_linear_time(saved: Path) -> None:
-    edit_recipe(saved, lambda d: d["edits"][0].update(keep={"0": [0] * 60_000}))
+    # 300,000 entries: a check with list.count per entry (quadratic) would run for hours, a linear
+    # one takes well under a second. The bound is 50x the linear time even on a loaded machine: it
+    # guards the complexity class, not a speed figure (those are measured in benchmarks/).
+    edit_recipe(saved, lambda d: d["edits"][0].update(keep={"0": [0] * 300_000}))
     started = time.perf_counter()
     assert_refused(saved, r"'keep' for layer 0 repeats channels \[0\]: each old channel can be kept once")
-    assert time.perf_counter() - started < 2.0  # list.count per entry took seconds here
+    assert time.perf_counter() - started < 30.0
 
 
 def test_keep_naming_a_layer_the_edit_does_not_replace(saved: Path) -> None:
