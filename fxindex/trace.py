@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import inspect
 import linecache
 import os
 import traceback
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import fx, nn
 
+from fxindex.capture import CAPTURE_KEY, EXPORT_INFO_KEY, ExportFailure, capture_export
 from fxindex.errors import TraceError
 from fxindex.shapes import record_shapes
 from fxindex.speed import _fast_codegen_for, speed_up
 
-__all__ = ["trace", "LeafTracer", "TRACE_OPTIONS_KEY", "torch_layer_base"]
+__all__ = ["trace", "LeafTracer", "TRACE_OPTIONS_KEY", "CAPTURE_KEY", "torch_layer_base"]
+
+_CAPTURES = ("auto", "symbolic", "export")
 
 TRACE_OPTIONS_KEY = "fxindex_trace"
 
@@ -191,14 +195,64 @@ def _class_path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def _user_location(error: BaseException) -> str | None:
-    """Return ``"file:line (source)"`` of the innermost frame that is not torch's or ours."""
+def _model_files(model: nn.Module) -> set[str]:
+    """Source files of the model's own classes (its forward code), torch.nn's excluded."""
+    files: set[str] = set()
+    for module in model.modules():
+        for cls in type(module).__mro__:
+            if cls is nn.Module or not issubclass(cls, nn.Module):
+                break
+            try:
+                filename = inspect.getsourcefile(cls)
+            except (TypeError, OSError):
+                continue
+            if filename and not filename.startswith(_LIBRARY_FOLDERS[0]):
+                files.add(os.path.realpath(filename))
+    return files
+
+
+def _frame_text(filename: str, lineno: int | None, line: str | None) -> str:
+    source = (line or linecache.getline(filename, lineno or 0)).strip()
+    return f"{filename}:{lineno}" + (f" ({source})" if source else "")
+
+
+def _user_location(error: BaseException, model: nn.Module | None = None) -> str | None:
+    """``"file:line (source)"`` where ``error`` happened in the model's own code.
+
+    The innermost frame in a file that defines one of the model's classes wins (a
+    transformers model's ``modeling_bert.py``, not the decorator in ``utils/generic.py``
+    that called it); else the innermost frame that is not torch's or fxindex's.
+    """
     frames = traceback.extract_tb(error.__traceback__)
+    if model is not None:
+        files = _model_files(model)
+        for frame in reversed(frames):
+            if os.path.realpath(frame.filename) in files:
+                return _frame_text(frame.filename, frame.lineno, frame.line)
     for frame in reversed(frames):
         if not frame.filename.startswith(_LIBRARY_FOLDERS):
-            source = (frame.line or linecache.getline(frame.filename, frame.lineno or 0)).strip()
-            return f"{frame.filename}:{frame.lineno}" + (f" ({source})" if source else "")
+            return _frame_text(frame.filename, frame.lineno, frame.line)
     return None
+
+
+def _forward_location(model: nn.Module) -> str:
+    """``"file:line (def forward...)"`` of the model's own forward (decorators unwrapped)."""
+    forward = inspect.unwrap(type(model).forward)
+    try:
+        filename = inspect.getsourcefile(forward) or "<unknown>"
+        _, lineno = inspect.getsourcelines(forward)
+    except (TypeError, OSError):
+        return f"{type(model).__qualname__}.forward (source not available)"
+    return _frame_text(filename, lineno, None)
+
+
+def _location_or_forward(error: BaseException, model: nn.Module) -> tuple[str, str]:
+    """Where ``error`` happened, and how to say it; the forward's definition when no frame is the model's."""
+    location = _user_location(error, model)
+    if location is not None:
+        return location, f"at {location}"
+    location = _forward_location(model)
+    return location, f"before any line of forward ran (forward is defined at {location})"
 
 
 def trace(
@@ -208,6 +262,7 @@ def trace(
     trace_into: Iterable[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
     example_inputs: tuple[Any, ...] | None = None,
+    capture: Literal["auto", "symbolic", "export"] = "auto",
 ) -> fx.GraphModule:
     """Trace ``model`` into a ``torch.fx.GraphModule``.
 
@@ -232,7 +287,16 @@ def trace(
         example_inputs: a tuple of inputs; when given, every node gets its
             shape and dtype in ``node.meta["tensor_meta"]``, computed with fake
             tensors (no real arithmetic). Optional arguments of ``forward``
-            may be left out: they keep their defaults.
+            may be left out: they keep their defaults. They also enable the
+            export capture.
+        capture: ``"symbolic"`` traces with torch.fx only; ``"export"``
+            captures with ``torch.export.export(strict=False)`` on
+            ``example_inputs`` and lifts the ATen graph back to fxindex's form
+            (every leaf call one ``call_module`` node on the model's own
+            module; see :mod:`fxindex.capture`); ``"auto"`` (default) tries
+            symbolic tracing and captures with export when it fails and
+            example inputs are given. ``gm.meta["fxindex_capture"]`` says
+            which one made the graph.
 
     Returns:
         The traced ``GraphModule``. It shares parameters with ``model``.
@@ -243,8 +307,10 @@ def trace(
             name.
         ValueError: the same class or name is in both ``leaf_modules`` and
             ``trace_into``.
-        TraceError: torch.fx cannot trace the model; the message names the
-            submodule and source line where tracing broke.
+        TraceError: the model cannot be captured; the message names the
+            submodule and source line where tracing broke (for ``"auto"``:
+            where each of the symbolic trace and the export broke), or says
+            that example inputs would enable the export capture.
 
     Example:
         >>> import torch, fxindex
@@ -265,29 +331,59 @@ def trace(
     both = sorted({_class_path(cls) for cls in set(leaf_types) & set(trace_types)} | (leaf_names & trace_names))
     if both:
         raise ValueError(f"{both} are in both leaf_modules and trace_into: say once whether to keep or trace them")
-    tracer = LeafTracer(leaf_types, leaf_names, trace_types, trace_names)
-    try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
-    except Exception as error:
-        where = tracer.failed_module
-        module_text = f"submodule '{where}'" if where else f"the root module ({type(model).__name__})"
-        location = _user_location(error)
-        line_text = f" at {location}" if location else ""
+    if capture not in _CAPTURES:
+        raise ValueError(f"capture must be one of {', '.join(map(repr, _CAPTURES))}, got {capture!r}")
+    if capture == "export" and example_inputs is None:
         raise TraceError(
-            f"cannot trace {type(model).__name__}: tracing broke in {module_text}{line_text}: "
-            f"{type(error).__name__}: {error}. Hint: pass leaf_modules=[...] to keep that "
-            "submodule as one opaque layer, or concrete_args={...} to fix the value that "
-            "drives the control flow.",
-            qualified_name=where or "",
-            location=location,
-        ) from error
+            f"capture='export' runs {type(model).__name__} on example inputs: pass example_inputs=(...)"
+        )
+    if capture == "export" and concrete_args:
+        raise ValueError("concrete_args apply to symbolic tracing only; capture='export' specialises on example_inputs")
+    tracer = LeafTracer(leaf_types, leaf_names, trace_types, trace_names)
     name = type(model).__name__
-    # The fast code generator goes on before the GraphModule exists, so its constructor
-    # generates the forward once (speed_up below then has nothing left to regenerate).
-    fast = _fast_codegen_for(graph._codegen)
-    if fast is not None:
-        graph.set_codegen(fast)
-    graph_module = fx.GraphModule(tracer.root, graph, name)
+    graph: fx.Graph | None = None
+    symbolic_failure: TraceError | None = None
+    if capture != "export":
+        try:
+            graph = tracer.trace(model, concrete_args=concrete_args)
+        except Exception as error:
+            symbolic_failure = _symbolic_failure(model, tracer, error)
+            if capture == "symbolic":
+                raise symbolic_failure from error
+            if example_inputs is None:
+                raise TraceError(
+                    f"{symbolic_failure} Passing example_inputs=(...) would let fxindex capture it with "
+                    "torch.export instead (capture='auto').",
+                    qualified_name=symbolic_failure.qualified_name,
+                    location=symbolic_failure.location,
+                ) from error
+            if concrete_args:
+                raise TraceError(
+                    f"{symbolic_failure} The torch.export capture is not tried: it cannot apply concrete_args.",
+                    qualified_name=symbolic_failure.qualified_name,
+                    location=symbolic_failure.location,
+                ) from error
+    if graph is not None:
+        # The fast code generator goes on before the GraphModule exists, so its constructor
+        # generates the forward once (speed_up below then has nothing left to regenerate).
+        fast = _fast_codegen_for(graph._codegen)
+        if fast is not None:
+            graph.set_codegen(fast)
+        graph_module = fx.GraphModule(tracer.root, graph, name)
+        graph_module.meta[CAPTURE_KEY] = "symbolic"
+    else:
+        assert example_inputs is not None
+        try:
+            graph, root, notes = capture_export(model, example_inputs, tracer.is_leaf_module)
+        except ExportFailure as failure:
+            raise _both_failed(model, symbolic_failure, failure) from failure.error
+        fast = _fast_codegen_for(graph._codegen)
+        if fast is not None:
+            graph.set_codegen(fast)
+        graph_module = fx.GraphModule(root, graph, name)
+        graph_module.training = model.training
+        graph_module.meta[CAPTURE_KEY] = "export"
+        graph_module.meta[EXPORT_INFO_KEY] = notes
     # How this graph was traced, so a saved recipe can be replayed on a fresh trace.
     graph_module.meta[TRACE_OPTIONS_KEY] = {
         "model_class": name,
@@ -295,9 +391,45 @@ def trace(
         "leaf_names": sorted(leaf_names),
         "trace_into_types": [_class_path(cls) for cls in trace_types],
         "trace_into_names": sorted(trace_names),
+        "capture": graph_module.meta[CAPTURE_KEY],
     }
     if example_inputs is not None:
         record_shapes(graph_module, example_inputs)
     # A plain GraphModule's forward walks getattr chains per call; fxindex's run at eager speed.
     nested = any(isinstance(module, fx.GraphModule) for module in graph_module.modules() if module is not graph_module)
     return graph_module if fast is not None and not nested else speed_up(graph_module)
+
+
+def _symbolic_failure(model: nn.Module, tracer: LeafTracer, error: Exception) -> TraceError:
+    """The TraceError of a failed symbolic trace: the submodule and the model's source line."""
+    where = tracer.failed_module
+    module_text = f"submodule '{where}'" if where else f"the root module ({type(model).__name__})"
+    location, line_text = _location_or_forward(error, model)
+    return TraceError(
+        f"cannot trace {type(model).__name__}: tracing broke in {module_text} {line_text}: "
+        f"{type(error).__name__}: {error}. Hint: pass leaf_modules=[...] to keep that "
+        "submodule as one opaque layer, or concrete_args={...} to fix the value that "
+        "drives the control flow.",
+        qualified_name=where or "",
+        location=location,
+    )
+
+
+def _both_failed(model: nn.Module, symbolic: TraceError | None, failure: ExportFailure) -> TraceError:
+    """The TraceError when the export capture failed too (or was the only one asked for)."""
+    where = failure.module_path
+    module_text = f"submodule '{where}'" if where else f"the root module ({type(model).__name__})"
+    location, line_text = _location_or_forward(failure.error, model)
+    message = str(failure.error).strip().splitlines()
+    first = message[0] if message else ""
+    export_text = (
+        f"torch.export.export(strict=False) broke in {module_text} {line_text}: {type(failure.error).__name__}: {first}"
+    )
+    if symbolic is None:
+        return TraceError(f"cannot capture {type(model).__name__}: {export_text}", qualified_name=where or "", location=location)
+    return TraceError(
+        f"cannot capture {type(model).__name__} either way. (1) symbolic tracing: {symbolic} "
+        f"(2) {export_text}",
+        qualified_name=symbolic.qualified_name,
+        location=symbolic.location,
+    )

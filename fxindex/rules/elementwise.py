@@ -16,6 +16,36 @@ from torch import nn
 
 from fxindex.rules.registry import Outcome, Step, argument, register_rule
 
+aten = torch.ops.aten
+
+
+def aten_overloads(*names: str) -> tuple[torch._ops.OpOverload, ...]:
+    """The ATen overloads ``"relu.default"``, ``"add.Tensor"``... that this torch has.
+
+    ``torch.export`` graphs call ATen overloads (``torch.ops.aten.relu.default``), so each
+    rule that knows a torch function or method is registered for its ATen forms too. An
+    overload missing from an older or newer torch is skipped rather than failing the import.
+
+    Args:
+        *names: ``"op.overload"`` names under ``torch.ops.aten``.
+
+    Returns:
+        The overloads found, in the order given.
+
+    Example:
+        >>> aten_overloads("relu.default") == (torch.ops.aten.relu.default,)
+        True
+    """
+    found = []
+    for name in names:
+        op_name, overload = name.split(".")
+        try:
+            found.append(getattr(getattr(aten, op_name), overload))
+        except (AttributeError, RuntimeError):
+            continue
+    return tuple(found)
+
+
 ELEMENTWISE_MODULES = (
     nn.Identity,
     nn.ReLU,
@@ -76,6 +106,21 @@ ELEMENTWISE_FUNCTIONS = (
     operator.neg,
     operator.pos,
     operator.abs,
+    # The ATen forms torch.export records for these and for the methods below.
+    *aten_overloads(
+        "relu.default", "relu_.default", "relu6.default", "leaky_relu.default", "leaky_relu_.default",
+        "elu.default", "elu_.default", "selu.default", "selu_.default", "celu.default", "celu_.default",
+        "gelu.default", "gelu_.default", "silu.default", "silu_.default", "mish.default", "mish_.default",
+        "hardswish.default", "hardswish_.default", "hardsigmoid.default", "hardsigmoid_.default",
+        "hardtanh.default", "hardtanh_.default", "softplus.default", "sigmoid.default", "sigmoid_.default",
+        "tanh.default", "tanh_.default", "exp.default", "abs.default", "neg.default", "sqrt.default",
+        "erf.default", "clamp.default", "clamp_.default", "clamp.Tensor", "clamp_min.default",
+        "clamp_min_.default", "clamp_max.default",
+        "dropout.default", "dropout_.default", "feature_dropout.default", "feature_dropout_.default",
+        "alpha_dropout.default", "feature_alpha_dropout.default",
+        "contiguous.default", "clone.default", "detach.default", "detach_.default", "alias.default",
+        "to.dtype", "to.dtype_layout", "to.device", "to.other", "_to_copy.default", "type_as.default",
+    ),
 )
 
 ELEMENTWISE_METHODS = (
@@ -138,6 +183,10 @@ _POOL_FUNCTIONS = {
     F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3,
     F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3,
     F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3,
+    # ATen forms (the ones that return one tensor; max_pool*_with_indices returns two).
+    **dict(zip(aten_overloads("max_pool1d.default", "max_pool2d.default", "max_pool3d.default"), (1, 2, 3))),
+    **dict(zip(aten_overloads("avg_pool1d.default", "avg_pool2d.default", "avg_pool3d.default"), (1, 2, 3))),
+    **dict(zip(aten_overloads("adaptive_avg_pool1d.default", "adaptive_avg_pool2d.default", "adaptive_avg_pool3d.default"), (1, 2, 3))),
 }  # fmt: skip
 
 
@@ -153,7 +202,13 @@ def propagate_pool_function(step: Step) -> Outcome:
     return _pass_non_spatial(step, _POOL_FUNCTIONS[step.node.target])
 
 
-@register_rule(nn.Upsample, F.interpolate)
+UPSAMPLE_ATEN = aten_overloads(
+    "upsample_nearest1d.vec", "upsample_nearest2d.vec", "upsample_nearest3d.vec", "upsample_linear1d.vec",
+    "upsample_bilinear2d.vec", "upsample_trilinear3d.vec", "upsample_bicubic2d.vec",
+)
+
+
+@register_rule(nn.Upsample, F.interpolate, *UPSAMPLE_ATEN)
 def propagate_upsample(step: Step) -> Outcome:
     """Upsampling resizes every dimension after the channels."""
     rank = step.rank(step.node.args[0])
@@ -177,6 +232,9 @@ def propagate_softmax_module(step: Step) -> Outcome:
     return _softmax(step, step.module.dim)  # type: ignore[union-attr]
 
 
-@register_rule(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax")
+SOFTMAX_ATEN = aten_overloads("softmax.int", "_softmax.default", "log_softmax.int", "_log_softmax.default")
+
+
+@register_rule(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax", *SOFTMAX_ATEN)
 def propagate_softmax(step: Step) -> Outcome:
     return _softmax(step, argument(step.node, 1, "dim"))

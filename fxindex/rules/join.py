@@ -18,6 +18,7 @@ import torch
 from torch import fx
 
 from fxindex.errors import ShapesRequiredError
+from fxindex.rules.elementwise import aten_overloads
 from fxindex.rules.registry import ChannelChange, Outcome, Step, argument, register_rule
 
 _BINARY = (
@@ -25,7 +26,15 @@ _BINARY = (
     operator.iadd, operator.isub, operator.imul, operator.itruediv,
     torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum",
+    *aten_overloads(
+        "add.Tensor", "add_.Tensor", "add.Scalar", "sub.Tensor", "sub_.Tensor", "sub.Scalar", "rsub.Scalar",
+        "rsub.Tensor", "mul.Tensor", "mul_.Tensor", "mul.Scalar", "div.Tensor", "div_.Tensor", "div.Scalar",
+        "div.Tensor_mode", "floor_divide.default", "pow.Tensor_Scalar", "pow.Tensor_Tensor",
+        "maximum.default", "minimum.default",
+    ),
 )  # fmt: skip
+
+CAT_ATEN = aten_overloads("cat.default")
 
 
 def _shape_text(step: Step, node: fx.Node) -> str:
@@ -98,7 +107,7 @@ def propagate_binary(step: Step) -> Outcome:
     return Outcome(output=join_operands(step, operands))
 
 
-@register_rule(torch.cat, torch.concat, torch.concatenate)
+@register_rule(torch.cat, torch.concat, torch.concatenate, *CAT_ATEN)
 def propagate_cat(step: Step) -> Outcome:
     """Concatenation: along the changed dimension, slots move by the branches' offsets."""
     tensors = list(argument(step.node, 0, "tensors"))

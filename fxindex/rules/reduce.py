@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import torch
 
+from fxindex.rules.elementwise import aten_overloads
 from fxindex.rules.registry import Outcome, Step, argument, register_rule
 
+# ATen forms; an empty dim list (``amax.default``'s default) reduces every dim, as in torch.
+REDUCE_ATEN = aten_overloads(
+    "mean.dim", "mean.default", "sum.dim_IntList", "sum.default", "amax.default", "amin.default"
+)
 
-@register_rule(torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin")
+
+@register_rule(torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin", *REDUCE_ATEN)
 def propagate_reduction(step: Step) -> Outcome:
     change = step.input_change()
     rank = step.rank(step.node.args[0]) or change.rank
@@ -21,7 +27,8 @@ def propagate_reduction(step: Step) -> Outcome:
     if rank is None:
         step.old_shape(step.node.args[0], needed_for="follow the changed dimension through a reduction")
     assert rank is not None
-    reduced = set(range(rank)) if dims is None else {d % rank for d in ((dims,) if isinstance(dims, int) else dims)}
+    all_dims = dims is None or (isinstance(dims, (tuple, list)) and not dims)
+    reduced = set(range(rank)) if all_dims else {d % rank for d in ((dims,) if isinstance(dims, int) else dims)}
     dim = change.dim % rank
     if dim in reduced:
         return Outcome(

@@ -16,7 +16,14 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from fxindex.rules.elementwise import aten_overloads
 from fxindex.rules.registry import ChannelChange, Outcome, Step, argument, register_rule
+
+# The ATen forms torch.export records; each takes its arguments in the method's positions.
+FLATTEN_ATEN = aten_overloads("flatten.using_ints")
+VIEW_ATEN = aten_overloads("view.default", "reshape.default", "_unsafe_view.default")
+PERMUTE_ATEN = aten_overloads("permute.default")
+TRANSPOSE_ATEN = aten_overloads("transpose.int")
 
 
 def merge_change(change: ChannelChange, shape: tuple[int, ...], start: int, end: int, new_rank: int) -> ChannelChange:
@@ -69,7 +76,7 @@ def propagate_flatten_module(step: Step) -> Outcome:
     return _flatten(step, module.start_dim, module.end_dim)
 
 
-@register_rule(torch.flatten, "flatten")
+@register_rule(torch.flatten, "flatten", *FLATTEN_ATEN)
 def propagate_flatten(step: Step) -> Outcome:
     return _flatten(step, argument(step.node, 1, "start_dim", 0), argument(step.node, 2, "end_dim", -1))
 
@@ -141,7 +148,7 @@ def _reshape(step: Step, first: int) -> Outcome:
     return Outcome(output=output, args=tuple(step.node.args[:first]) + shape_args)
 
 
-@register_rule("view", "reshape")
+@register_rule("view", "reshape", *VIEW_ATEN)
 def propagate_view(step: Step) -> Outcome:
     return _reshape(step, 1)
 
@@ -151,7 +158,7 @@ def propagate_reshape_function(step: Step) -> Outcome:
     return _reshape(step, 1)
 
 
-@register_rule("permute", torch.permute)
+@register_rule("permute", torch.permute, *PERMUTE_ATEN)
 def propagate_permute(step: Step) -> Outcome:
     change = step.input_change()
     order, _ = _shape_arguments(step.node, 1)
@@ -159,7 +166,7 @@ def propagate_permute(step: Step) -> Outcome:
     return Outcome(output=change.moved_to([d % rank for d in order].index(change.dim % rank), rank))
 
 
-@register_rule("transpose", torch.transpose)
+@register_rule("transpose", torch.transpose, *TRANSPOSE_ATEN)
 def propagate_transpose(step: Step) -> Outcome:
     change = step.input_change()
     rank = step.rank(step.node.args[0]) or change.rank
