@@ -213,6 +213,12 @@ class BenchReport:
     def __str__(self) -> str:
         return self.table()
 
+    def _repr_html_(self) -> str:
+        """The report as HTML, for notebooks."""
+        from fxindex.notebook import text_to_html
+
+        return text_to_html(self.table(tablefmt="html"))
+
     # ----------------------------------------------------------------- serialization
 
     def to_dict(self) -> dict[str, Any]:

@@ -118,6 +118,12 @@ class ChannelGroup:
     def __str__(self) -> str:
         return self.table()
 
+    def _repr_html_(self) -> str:
+        """The group as HTML, for notebooks."""
+        from fxindex.notebook import text_to_html
+
+        return text_to_html(self.table(tablefmt="html"))
+
 
 def _name(node: fx.Node) -> str:
     if node.op in ("call_module", "get_attr"):

@@ -252,6 +252,13 @@ class LayerIndex(Sequence[LayerEntry]):
     def __repr__(self) -> str:
         return f"LayerIndex({len(self)} layers of {type(self._graph_module).__name__})"
 
+    def _repr_html_(self) -> str:
+        """The index as an HTML table (what :func:`fxindex.table` prints), for notebooks."""
+        from fxindex.notebook import text_to_html
+        from fxindex.table import table
+
+        return text_to_html(table(self, tablefmt="html"))
+
 
 def as_graph_module(
     model: nn.Module, example_inputs: tuple[Any, ...] | None = None, *, caller: str = "fxindex"

@@ -107,3 +107,9 @@ class Plan:
 
     def __str__(self) -> str:
         return self.table()
+
+    def _repr_html_(self) -> str:
+        """The plan as HTML, for notebooks."""
+        from fxindex.notebook import text_to_html
+
+        return text_to_html(self.table(tablefmt="html"))

@@ -60,3 +60,27 @@ def test_duplicate_registrations_raise_an_fxindex_error() -> None:
         fxindex.register_space_rule(nn.Linear)(lambda context: None)
     assert issubclass(fxindex.RegistrationError, fxindex.FxIndexError)
     assert issubclass(fxindex.RegistrationError, ValueError)  # code written against ValueError keeps working
+
+
+def test_notebook_html_shows_what_print_shows() -> None:
+    import html.parser
+
+    torch.manual_seed(0)
+    model = Scaled().eval()
+    x = (torch.randn(3, 4),)
+    objects = {
+        "index": fxindex.index(model, x),
+        "plan": fxindex.plan(model, "fc", nn.Linear(4, 9), example_inputs=x),
+        "group": fxindex.group(model, "fc", x),
+        "bench": fxindex.bench({"a": model}, x, min_run_time=0.01, rounds=2, progress=False, num_threads=1),
+    }
+    for name, value in objects.items():
+        page = value._repr_html_()
+        assert page.count("<table>") == 1 and page.count("</table>") == 1, name
+        parser = html.parser.HTMLParser()
+        parser.feed(page)  # well formed enough to parse
+        text = str(value) if name != "index" else fxindex.table(value)
+        first_cell = text.splitlines()[2 if name != "group" else 3].split()[0]
+        assert first_cell in page, (name, first_cell)
+    assert "coupled group resized as a whole" in objects["plan"]._repr_html_()
+    assert "<p>resizable: yes</p>" in objects["group"]._repr_html_()  # summary lines become paragraphs
