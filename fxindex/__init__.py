@@ -32,6 +32,7 @@ from fxindex.errors import (
 from fxindex.group import ChannelGroup, GroupMember, group, groups
 from fxindex.index import LayerEntry, LayerIndex, LayerRef, index
 from fxindex.io import load, save
+from fxindex.layer_classes import register_layer
 from fxindex.plan import Plan, PlannedEdit
 from fxindex.replace import deferred_codegen, insert, plan, remove, replace
 from fxindex.rules import register_rule
@@ -79,6 +80,7 @@ __all__ = [
     "plan_resize",
     "recipe",
     "record_shapes",
+    "register_layer",
     "register_rule",
     "register_space_rule",
     "remove",

@@ -13,13 +13,14 @@ graph in linear time.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tabulate import tabulate
 from torch import fx, nn
 
+from fxindex.rules.registry import using
 from fxindex.errors import EditError, FxIndexError
 from fxindex.index import LayerIndex, as_graph_module
 from fxindex.shapes import record_shapes
@@ -218,7 +219,13 @@ def group_of_node(analysis: SpaceAnalysis, node: fx.Node, label: str) -> tuple[i
     return root, build_group(analysis, root, str(node.target))
 
 
-def group(model: nn.Module, index: int | str, example_inputs: tuple[Any, ...] | None = None) -> ChannelGroup:
+def group(
+    model: nn.Module,
+    index: int | str,
+    example_inputs: tuple[Any, ...] | None = None,
+    *,
+    rules: Mapping[Any, Any] | None = None,
+) -> ChannelGroup:
     """The coupled group of the output channels of the layer at ``index``.
 
     Args:
@@ -226,6 +233,8 @@ def group(model: nn.Module, index: int | str, example_inputs: tuple[Any, ...] | 
         index: an execution-order index (negatives allowed) or a qualified name.
         example_inputs: a tuple of inputs, to record shapes (needed unless
             ``model`` was traced with ``example_inputs``).
+        rules: rules in effect for this call only, before the registered ones
+            (``{MyLayer: my_rule}``; see :func:`fxindex.rules.using`).
 
     Returns:
         A :class:`ChannelGroup`; ``print(group)`` shows it as a table.
@@ -242,21 +251,26 @@ def group(model: nn.Module, index: int | str, example_inputs: tuple[Any, ...] | 
         >>> g.producers
         ('conv1', 'layer1.0.conv2', 'layer1.1.conv2')
     """
-    graph_module = prepare(model, example_inputs, "fxindex.group")
-    try:
-        layers = LayerIndex(graph_module)
-        position = layers.resolve(index)
-        node = layers.node(position)
-        analysis = analyze(graph_module)
-        return group_of_node(analysis, node, f"layer {position} ('{node.target}')")[1]
-    except FxIndexError as error:
-        if error.args and isinstance(error.args[0], str) and not error.args[0].startswith("fxindex.group"):
-            error.args = (f"fxindex.group: {error.args[0]}",) + error.args[1:]
-        raise
+    with using(rules):
+        graph_module = prepare(model, example_inputs, "fxindex.group")
+        try:
+            layers = LayerIndex(graph_module)
+            position = layers.resolve(index)
+            node = layers.node(position)
+            analysis = analyze(graph_module)
+            return group_of_node(analysis, node, f"layer {position} ('{node.target}')")[1]
+        except FxIndexError as error:
+            if error.args and isinstance(error.args[0], str) and not error.args[0].startswith("fxindex.group"):
+                error.args = (f"fxindex.group: {error.args[0]}",) + error.args[1:]
+            raise
 
 
 def groups(
-    model: nn.Module, example_inputs: tuple[Any, ...] | None = None, *, include_blocked: bool = False
+    model: nn.Module,
+    example_inputs: tuple[Any, ...] | None = None,
+    *,
+    include_blocked: bool = False,
+    rules: Mapping[Any, Any] | None = None,
 ) -> list[ChannelGroup]:
     """Every group that has a producer, once each, in the order of its first producer.
 
@@ -268,6 +282,8 @@ def groups(
         model: an ``nn.Module`` (traced first) or a ``torch.fx.GraphModule``.
         example_inputs: a tuple of inputs, to record shapes.
         include_blocked: also list the groups that cannot be resized.
+        rules: rules in effect for this call only, before the registered ones
+            (``{MyLayer: my_rule}``; see :func:`fxindex.rules.using`).
 
     Returns:
         The :class:`ChannelGroup` list.
@@ -278,21 +294,22 @@ def groups(
         >>> [(g.producers, g.width) for g in fxindex.groups(net, (torch.randn(1, 4),))]
         [(('0',), 8), (('2',), 2)]
     """
-    graph_module = prepare(model, example_inputs, "fxindex.groups")
-    analysis = analyze(graph_module)
-    found: list[ChannelGroup] = []
-    seen: set[int] = set()
-    for member in analysis.members:
-        if member.role != "producer" or member.node.op != "call_module":
-            continue
-        root = analysis.find(member.space)
-        if root in seen:
-            continue
-        seen.add(root)
-        built = build_group(analysis, root, str(member.node.target))
-        if built.resizable or include_blocked:
-            found.append(built)
-    return found
+    with using(rules):
+        graph_module = prepare(model, example_inputs, "fxindex.groups")
+        analysis = analyze(graph_module)
+        found: list[ChannelGroup] = []
+        seen: set[int] = set()
+        for member in analysis.members:
+            if member.role != "producer" or member.node.op != "call_module":
+                continue
+            root = analysis.find(member.space)
+            if root in seen:
+                continue
+            seen.add(root)
+            built = build_group(analysis, root, str(member.node.target))
+            if built.resizable or include_blocked:
+                found.append(built)
+        return found
 
 
 def blocked_error_text(block: Block) -> str:

@@ -49,7 +49,9 @@ that leaves the model passed to :func:`load` as it was:
   whose data is in the file (no zero-stride views), of the recipe's shape and
   dtype (nothing is cast).
 - Layer class names follow :func:`fxindex.layer_classes.layer_class`, the
-  rule the command line's ``--replace`` follows too.
+  rule the command line's ``--replace`` follows too, or name a class of the
+  user's own registered in the loading process with
+  :func:`fxindex.layer_classes.register_layer` (nothing is imported).
 - The edits are first replayed on a meta-device copy of the model, which
   allocates nothing, and checked against the fingerprint; each layer is
   measured on the meta device before it is built, and may not hold more
@@ -200,9 +202,10 @@ def save(model: fx.GraphModule, path: PathLike) -> Path:
     Raises:
         TypeError: ``model`` is not a ``torch.fx.GraphModule``.
         RecipeError: an edit used a layer whose construction cannot be
-            written as data (not a torch.nn class, or its constructor
-            arguments cannot be read back); the message names the edit and
-            the layer. Or ``path`` exists and is not a directory.
+            written as data (neither a torch.nn class nor registered with
+            ``fxindex.register_layer``, or its constructor arguments cannot
+            be read back); the message names the edit and the layer. Or
+            ``path`` exists and is not a directory.
 
     Example:
         >>> import tempfile, torch, fxindex
@@ -227,10 +230,10 @@ def save(model: fx.GraphModule, path: PathLike) -> Path:
     for number, edit in enumerate(edits, 1):
         for where, description in _layer_descriptions(edit):
             if "error" in description or "kwargs" not in description:
+                # The class once, and what to do: the reason says how to register it or what went wrong.
                 raise RecipeError(
-                    f"cannot save {_edit_label(number, edit)}: {where} is a {description.get('type')}, whose "
-                    f"construction cannot be written as data ({description.get('error', 'no constructor arguments')}); "
-                    "use a torch.nn layer class, whose constructor arguments fxindex can read back"
+                    f"cannot save {_edit_label(number, edit)}: {where} is a {_name(description.get('type'))}, whose "
+                    f"construction cannot be written as data: {description.get('error', 'no constructor arguments')}"
                 )
     document = {
         "format": FORMAT,
@@ -1008,7 +1011,8 @@ def load(
         ShapeMismatchError: ``example_inputs`` do not fit ``model``.
         TraceError: ``model`` cannot be traced.
         RecipeError: the recipe file is missing, corrupt, of another version,
-            names a layer type outside torch.nn, or comes from another model;
+            names a layer type outside torch.nn that this process has not
+            registered with ``fxindex.register_layer``, or comes from another model;
             or the weights file is not a tensor-only state dict of that model.
 
     Example:

@@ -11,6 +11,7 @@ new shapes; nodes that read nothing changed are never run. The result is a
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -26,13 +27,18 @@ from fxindex.rules import ChannelChange, Outcome, Step, Widths, find_rule, find_
 from fxindex.rules.registry import describe_target
 from fxindex.shapes import (
     NOT_GIVEN_KEY,
+    MetaConverter,
+    MetaUnsupportedError,
     TensorMetadata,
-    fake_tensor_like,
     make_fake_mode,
+    meta_kernel_cache,
     meta_of,
+    meta_tensor_like,
+    meta_to_fake,
     preserving_buffers,
     quiet_fake_errors,
     shapes_recorded,
+    to_meta,
 )
 
 __all__ = ["build_plan", "planner_for", "Target"]
@@ -142,7 +148,7 @@ class _Planner:
 
     # -- values for the fake re-run ---------------------------------------------------------
     def value_of(self, node: fx.Node) -> Any:
-        """The (fake) value of ``node`` after the edit."""
+        """The (meta) value of ``node`` after the edit."""
         if node in self.values:
             return self.values[node]
         assert self.mode is not None
@@ -151,6 +157,12 @@ class _Planner:
             value = self.fake_from_meta(meta)
         elif node.op == "get_attr":
             value = _fetch_attr(self.graph_module, node.target)
+            # Made lazily (not in __init__): a planner without shapes never needs one.
+            copies = self.__dict__.setdefault("meta_copies", MetaConverter())
+            try:
+                value = copies.value(value)
+            except MetaUnsupportedError:
+                pass  # the real tensor, read only: the node reading it re-runs on fake tensors
         elif node.op == "placeholder" and node.meta.get(NOT_GIVEN_KEY):
             # An optional argument the example inputs left out: the recorded run saw its default.
             value = node.args[0] if node.args else []
@@ -163,34 +175,58 @@ class _Planner:
         return value
 
     def fake_from_meta(self, meta: Any) -> Any:
+        """A meta tensor (despite the name, kept for callers) for each TensorMetadata in ``meta``."""
         # Not map_aggregate: TensorMetadata is itself a NamedTuple and would be taken apart.
         if isinstance(meta, TensorMetadata):
-            return fake_tensor_like(meta, self.mode, self.device)
+            return meta_tensor_like(meta)
         if isinstance(meta, (tuple, list)):
             return type(meta)(self.fake_from_meta(item) for item in meta)
         return meta
 
     def run(self, node: fx.Node, module: nn.Module | None, args: Any, kwargs: Any) -> Any:
-        """Run one node on fake values, with ``module``/``args`` standing in for the old ones."""
+        """Run one node on meta values, with ``module``/``args`` standing in for the old ones.
+
+        Meta first: each parameter is copied to meta once per plan, and layers
+        run as copies holding those (so the caller's layers and buffers are
+        only read). A node meta cannot run is re-run on fake tensors with the
+        real layer, whose error is the one reported if that fails too; the
+        result goes back to meta for the nodes after it.
+        """
         assert self.mode is not None
         args = map_aggregate(args, lambda a: self.value_of(a) if isinstance(a, fx.Node) else a)
         kwargs = map_aggregate(kwargs, lambda a: self.value_of(a) if isinstance(a, fx.Node) else a)
-        if node.op == "call_module":
-            # New and rebuilt modules are not inside the graph module's buffer guard: a
-            # BatchNorm in train mode would count the fake run as a batch. The guard's
-            # copies must be real tensors, so it is entered outside the fake mode.
+        copies = self.__dict__.setdefault("meta_copies", MetaConverter())
+
+        def call(layer: Any, args: Any, kwargs: Any) -> Any:
             # forward, not __call__: planning is not a use of the model, so user hooks do not run.
-            with preserving_buffers(module), self.mode, quiet_fake_errors():
-                return module.forward(*args, **kwargs)
-        with self.mode, quiet_fake_errors():
+            if node.op == "call_module":
+                return layer.forward(*args, **kwargs)
             if node.op == "call_function":
                 return node.target(*args, **kwargs)
             if node.op == "call_method":
                 receiver, *rest = args
                 return getattr(receiver, node.target)(*rest, **kwargs)
             if node.op == "get_attr":
-                return _fetch_attr(self.graph_module, node.target)
-        raise AssertionError(f"unexpected op {node.op}")
+                return layer
+            raise AssertionError(f"unexpected op {node.op}")
+
+        real = _fetch_attr(self.graph_module, node.target) if node.op == "get_attr" else module
+        try:
+            layer = copies.value(real) if real is not None else None
+            with torch.device("meta"), meta_kernel_cache(self.device):
+                return call(layer, args, kwargs)
+        except Exception:
+            pass  # no meta kernel (data-dependent ops) or a real tensor meta cannot meet: fake tensors
+        fake_args = meta_to_fake(args, self.mode, self.device)
+        fake_kwargs = meta_to_fake(kwargs, self.mode, self.device)
+        # New and rebuilt modules are not inside the graph module's buffer guard: a
+        # BatchNorm in train mode would count the fake run as a batch. The guard's
+        # copies must be real tensors, so it is entered outside the fake mode.
+        guard = preserving_buffers(module) if node.op == "call_module" else contextlib.nullcontext()
+        with guard, self.mode, quiet_fake_errors():
+            result = call(real, fake_args, fake_kwargs)
+        # Outside the fake mode, or the copies would be fake tensors on the meta device.
+        return to_meta(result)
 
     # -- the walk ---------------------------------------------------------------------------
     def build(self) -> Plan:

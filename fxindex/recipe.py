@@ -5,7 +5,9 @@ in order, so the edits can be replayed on a freshly built model (see
 :mod:`fxindex.io`). A new layer is recorded as its torch.nn class name and
 constructor arguments, read back from the module's attributes and checked by
 rebuilding it; a layer that cannot be described that way is recorded with the
-reason, and saving refuses it.
+reason, and saving refuses it. A class of the user's own is described the
+same way once it is registered with :func:`fxindex.layer_classes.register_layer`
+(under its registered name, with its own ``describe``/``build`` when given).
 
 Each edit also records the example-input shapes the graph carried when it was
 made (``"example_inputs"``: a list of ``{"shape", "dtype"}``, or ``None`` when
@@ -24,14 +26,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.nn.modules.rnn import RNNBase
 
-from fxindex.layer_classes import layer_class, refusal
+from fxindex.layer_classes import RegisteredLayer, recipe_layer_class, refusal, registered_layer
 from fxindex.trace import TRACE_OPTIONS_KEY
 
 __all__ = [
@@ -109,13 +111,56 @@ def _structure(module: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     ]
 
 
+def _read_arguments(module: nn.Module) -> dict[str, Any]:
+    """The constructor arguments of ``module``, read from the attributes named like its class's parameters.
+
+    ``bias``/``affine``/``elementwise_affine`` stored as a tensor or ``None``
+    read as a bool; a parameter with a default that is not stored is left out.
+
+    Raises:
+        ValueError: a parameter without a default is not stored, or a value is
+            not a literal.
+    """
+    kwargs: dict[str, Any] = {}
+    for parameter in _constructor_parameters(type(module)):
+        reader = next((read for (owner, arg), read in _READERS.items() if arg == parameter.name and isinstance(module, owner)), None)
+        if reader is not None:
+            value = reader(module)
+        elif parameter.name in ("bias", "affine", "elementwise_affine") and not hasattr(module, parameter.name + "_"):
+            value = getattr(module, parameter.name, None)
+            value = value is not None and value is not False if isinstance(value, (torch.Tensor, type(None))) else value
+        elif hasattr(module, parameter.name):
+            value = getattr(module, parameter.name)
+        elif parameter.default is not inspect.Parameter.empty:
+            continue
+        else:
+            raise ValueError(f"constructor argument {parameter.name!r} is not stored on the module")
+        kwargs[parameter.name] = _literal(value)
+    return kwargs
+
+
+def _checked(module: nn.Module, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``{"type", "kwargs"}`` when building ``name`` from ``kwargs`` gives ``module`` again, else ``{"type", "error"}``."""
+    try:
+        rebuilt = _build_for_check({"type": name, "kwargs": kwargs})
+    except (ValueError, TypeError) as error:
+        return {"type": name, "error": str(error)}
+    if type(rebuilt) is not type(module) or repr(rebuilt) != repr(module) or _structure(rebuilt) != _structure(module):
+        return {"type": name, "error": f"rebuilding from {_short(kwargs)} gives {_short(rebuilt)}, not {_short(module)}"}
+    return {"type": name, "kwargs": kwargs}
+
+
 def describe_layer(module: nn.Module) -> dict[str, Any]:
     """Describe ``module`` as ``{"type": "Conv2d", "kwargs": {...}}``, or say why it cannot be.
 
-    Only classes of ``torch.nn`` are described: their constructor arguments
-    are stored as attributes of the same name (``bias`` as a parameter, read
-    as a bool). The description is verified by building the layer again and
-    comparing its repr and the names and shapes of its parameters and buffers.
+    Classes of ``torch.nn`` are described by themselves: their constructor
+    arguments are stored as attributes of the same name (``bias`` as a
+    parameter, read as a bool). Other classes are described once registered
+    with :func:`fxindex.layer_classes.register_layer`: by its ``describe``
+    function, or from attributes like torch.nn's, under the registered name.
+    The description is verified by building the layer again and comparing
+    its class, its repr and the names and shapes of its parameters and
+    buffers.
 
     Args:
         module: the layer to describe.
@@ -129,36 +174,53 @@ def describe_layer(module: nn.Module) -> dict[str, Any]:
         {'type': 'Dropout', 'kwargs': {'p': 0.25, 'inplace': False}}
     """
     cls = type(module)
+    entry = registered_layer(cls)
+    if entry is not None:
+        return _describe_registered(module, entry)
     name = cls.__name__
     if getattr(nn, name, None) is not cls:
-        return {"type": f"{cls.__module__}.{cls.__qualname__}", "error": "not a torch.nn layer class"}
+        # The class is named once, by the caller's message; this says what to do about it.
+        return {
+            "type": f"{cls.__module__}.{cls.__qualname__}",
+            "error": "not a torch.nn layer class; register the class with fxindex.register_layer(...) before the "
+            "edit so that recipes can rebuild it",
+        }
     # The rule load applies (fxindex.layer_classes): what it would refuse is not saved either.
     # A lazy layer is refused here before its uninitialised parameters are looked at.
     reason = refusal(cls)
     if reason is not None:
         return {"type": name, "error": f"not a torch.nn layer class fxindex rebuilds: {reason}"}
-    kwargs: dict[str, Any] = {}
     try:
-        for parameter in _constructor_parameters(cls):
-            reader = next((read for (owner, arg), read in _READERS.items() if arg == parameter.name and isinstance(module, owner)), None)
-            if reader is not None:
-                value = reader(module)
-            elif parameter.name in ("bias", "affine", "elementwise_affine") and not hasattr(module, parameter.name + "_"):
-                value = getattr(module, parameter.name, None)
-                value = value is not None and value is not False if isinstance(value, (torch.Tensor, type(None))) else value
-            elif hasattr(module, parameter.name):
-                value = getattr(module, parameter.name)
-            elif parameter.default is not inspect.Parameter.empty:
-                continue
-            else:
-                raise ValueError(f"constructor argument {parameter.name!r} is not stored on the module")
-            kwargs[parameter.name] = _literal(value)
-        rebuilt = _build_for_check({"type": name, "kwargs": kwargs})
+        kwargs = _read_arguments(module)
     except (ValueError, TypeError) as error:
         return {"type": name, "error": str(error)}
-    if repr(rebuilt) != repr(module) or _structure(rebuilt) != _structure(module):
-        return {"type": name, "error": f"rebuilding from {kwargs} gives {rebuilt!r}, not {module!r}"}
-    return {"type": name, "kwargs": kwargs}
+    return _checked(module, name, kwargs)
+
+
+def _describe_registered(module: nn.Module, entry: RegisteredLayer) -> dict[str, Any]:
+    """The description of a module of a class registered with ``register_layer``."""
+    if entry.describe is None:
+        try:
+            kwargs = _read_arguments(module)
+        except (ValueError, TypeError) as error:
+            return {"type": entry.name, "error": f"{error} (pass describe= to fxindex.register_layer)"}
+        return _checked(module, entry.name, kwargs)
+    try:
+        found = entry.describe(module)
+    except Exception as error:  # the user's function may raise anything; saving reports it
+        return {"type": entry.name, "error": f"its registered describe raised {type(error).__name__}: {error}"}
+    if not isinstance(found, Mapping) or not all(isinstance(key, str) for key in found):
+        return {
+            "type": entry.name,
+            "error": f"its registered describe returned {_short(found)}, expected a dict of argument names to literals",
+        }
+    kwargs = {}
+    for key, value in found.items():
+        try:
+            kwargs[key] = _literal(value)
+        except ValueError as error:
+            return {"type": entry.name, "error": f"its registered describe gave argument {key!r} = {error}"}
+    return _checked(module, entry.name, kwargs)
 
 
 def _build_for_check(description: dict[str, Any]) -> nn.Module:
@@ -170,7 +232,12 @@ def _build_for_check(description: dict[str, Any]) -> nn.Module:
     """
     with torch.random.fork_rng(devices=[]):
         cls, arguments = check_description(description)
-        if "device" in inspect.signature(cls.__init__).parameters or issubclass(cls, RNNBase):
+        if registered_layer(cls) is not None:
+            try:
+                return build_layer(description, device="meta")
+            except ValueError:
+                pass  # a user's layer whose construction needs real data: build it for real
+        elif "device" in inspect.signature(cls.__init__).parameters or issubclass(cls, RNNBase):
             try:
                 return cls(**arguments, device="meta")
             except (TypeError, ValueError, RuntimeError, NotImplementedError):
@@ -192,8 +259,10 @@ def check_description(description: Any) -> tuple[type[nn.Module], dict[str, Any]
 
     Nothing in the description is evaluated or imported: ``type`` must be a
     class :func:`fxindex.layer_classes.layer_class` allows (a public torch.nn
-    layer class, not ``Module``, a container or a lazy layer); the arguments
-    must be literals.
+    layer class, not ``Module``, a container or a lazy layer) or a name
+    registered in this process with
+    :func:`fxindex.layer_classes.register_layer`; the arguments must be
+    literals.
 
     Args:
         description: ``{"type": "Linear", "kwargs": {"in_features": 4, ...}}``.
@@ -202,14 +271,17 @@ def check_description(description: Any) -> tuple[type[nn.Module], dict[str, Any]
         The class and the keyword arguments to call it with (lists as tuples).
 
     Raises:
-        ValueError: the type is not a torch.nn layer class (a
-            ``LayerClassError``), or the description is malformed.
+        ValueError: the type is neither a torch.nn layer class nor a
+            registered one (a ``LayerClassError``), or the description is
+            malformed.
     """
     if not isinstance(description, dict) or not isinstance(description.get("type"), str):
         raise ValueError(f"a layer description is a dict with a 'type' string, got {_short(description)}")
     name = description["type"]
-    # The rule the command line's spec parser follows too (LayerClassError is a ValueError).
-    cls = layer_class(name)
+    # torch.nn: the rule the command line's spec parser follows too (LayerClassError is a ValueError);
+    # beyond it, only what this process registered.
+    found = recipe_layer_class(name)
+    cls = found.cls if isinstance(found, RegisteredLayer) else found
     kwargs = description.get("kwargs", {})
     if not isinstance(kwargs, dict) or not all(isinstance(key, str) for key in kwargs):
         raise ValueError(f"the kwargs of a {name} must be a dict with string keys, got {_short(kwargs)}")
@@ -217,9 +289,11 @@ def check_description(description: Any) -> tuple[type[nn.Module], dict[str, Any]
 
 
 def build_layer(description: dict[str, Any], device: torch.device | str | None = None) -> nn.Module:
-    """Build the layer a :func:`describe_layer` dict describes (torch.nn classes only).
+    """Build the layer a :func:`describe_layer` dict describes (torch.nn or registered classes).
 
-    The description is checked by :func:`check_description` first.
+    The description is checked by :func:`check_description` first. A
+    registered class is built by its registered ``build`` (else
+    ``cls(**kwargs)``), which must return an instance of exactly that class.
 
     Args:
         description: ``{"type": "Linear", "kwargs": {"in_features": 4, ...}}``.
@@ -232,23 +306,34 @@ def build_layer(description: dict[str, Any], device: torch.device | str | None =
         device) and the default dtype.
 
     Raises:
-        ValueError: the type is not a torch.nn layer, or the description is
-            malformed or rejected by the layer's constructor.
+        ValueError: the type is neither a torch.nn layer nor registered, or
+            the description is malformed or rejected by the layer's
+            constructor (or registered ``build``).
 
     Example:
         >>> build_layer({"type": "Linear", "kwargs": {"in_features": 4, "out_features": 2}})
         Linear(in_features=4, out_features=2, bias=True)
     """
     cls, arguments = check_description(description)
+    entry = registered_layer(cls)
     placement = torch.device(device) if device is not None else contextlib.nullcontext()
     try:
         with placement:
-            return cls(**arguments)
+            if entry is not None and entry.build is not None:
+                layer = entry.build(dict(arguments))
+            else:
+                layer = cls(**arguments)
     except Exception as error:
         # Whatever the constructor raises on untrusted arguments (TypeError, RuntimeError on a negative
         # size, OverflowError on a size past int64, NotImplementedError...) is one kind of failure.
         reason = (str(error).strip().splitlines() or [""])[0]
         raise ValueError(f"{cls.__name__}(**{_short(description.get('kwargs', {}))}) failed: {type(error).__name__}: {reason}") from error
+    if type(layer) is not cls:
+        raise ValueError(
+            f"the build function registered for {cls.__qualname__} returned {_short(layer)} "
+            f"({type(layer).__name__}), expected a {cls.__qualname__}"
+        )
+    return layer
 
 
 def layer_size(description: dict[str, Any]) -> int:

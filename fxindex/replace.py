@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from fxindex.rules.registry import using
 from fxindex.couple import plan_coupled
 from fxindex.errors import EditError, EditWarning, FxIndexError, PropagationError
 from fxindex.index import LayerIndex, as_graph_module
@@ -33,6 +34,7 @@ from fxindex.rules import Widths, find_widths
 from fxindex.shapes import record_shapes_on
 from fxindex.shapes import NOT_GIVEN_KEY
 from fxindex.speed import CACHE_ATTRIBUTE, is_sped_up, speed_up
+from fxindex.writeback import write_back
 
 __all__ = ["replace", "plan", "remove", "insert", "apply_plan", "deferred_codegen"]
 
@@ -433,6 +435,7 @@ def apply_plan(graph_module: fx.GraphModule, plan: Plan, graph: fx.Graph | None 
                 nodes[name].meta.pop("tensor_meta", None)
             else:
                 nodes[name].meta["tensor_meta"] = meta
+    _refresh_output_meta(new_graph)
     new_graph.lint()
     still_called = {node.target for node in new_graph.nodes if node.op == "call_module"}
     log = _ModuleTreeLog(graph_module)
@@ -531,7 +534,21 @@ def _install_modules_only(graph_module: fx.GraphModule, plan: Plan, graph: fx.Gr
                 nodes[name].meta.pop("tensor_meta", None)
             else:
                 nodes[name].meta["tensor_meta"] = meta
+    _refresh_output_meta(live)
     return True
+
+
+def _refresh_output_meta(graph: fx.Graph) -> None:
+    """The output node's recorded shape, from what it returns (the plan updates the nodes it touched)."""
+    output = next(iter(graph.find_nodes(op="output")), None)
+    if output is None or "tensor_meta" not in output.meta or not output.args:
+        return
+    returned = [arg for arg in output.all_input_nodes]
+    if not all("tensor_meta" in node.meta for node in returned):
+        return
+    output.meta["tensor_meta"] = fx.node.map_aggregate(
+        output.args[0], lambda value: value.meta["tensor_meta"] if isinstance(value, fx.Node) else value
+    )
 
 
 _DEFER_KEY = "_fxindex_defer_codegen"
@@ -635,17 +652,36 @@ def _editing() -> Iterator[None]:
 
 
 def _install(
-    source: _Source, planned: Plan, inplace: bool, edits: list[dict[str, Any]], share_untouched: bool = False
-) -> fx.GraphModule:
-    """Copy (unless ``inplace``), install the plan and record the edits: the one place that writes."""
+    source: _Source,
+    planned: Plan,
+    inplace: bool,
+    edits: list[dict[str, Any]],
+    share_untouched: bool = False,
+    model: nn.Module | None = None,
+    example_inputs: tuple[Any, ...] | None = None,
+) -> nn.Module:
+    """Copy (unless ``inplace``), install the plan and record the edits: the one place that writes.
+
+    ``inplace=True`` on a plain module (not a GraphModule) edits that module
+    tree itself: the plan goes into a light copy of its trace, which is then
+    written back and verified (:func:`fxindex.writeback.write_back`).
+    """
     if share_untouched and inplace:
         raise TypeError("share_untouched=True is for copies: with inplace=True nothing is copied")
+    write_back_to = model if inplace and model is not None and not isinstance(model, fx.GraphModule) else None
     with _editing():
-        graph_module, planned = _edited(source, inplace, planned, share_untouched)
+        if write_back_to is not None:
+            # Never into the trace itself: it shares the user's layers, and a get_attr tensor set
+            # there would change the user's module outside write_back's undo log.
+            graph_module, planned = _edited(source, False, planned, share_untouched=True)
+        else:
+            graph_module, planned = _edited(source, inplace, planned, share_untouched)
         graph = source.graph if source.graph is not source.module.graph else None
         apply_plan(graph_module, planned, graph)
         for edit in edits:
             record_edit(graph_module, edit)
+        if write_back_to is not None:
+            return write_back(write_back_to, graph_module, planned.edits, example_inputs, caller=f"fxindex.{edits[0]['op']}")
         return graph_module
 
 
@@ -659,10 +695,13 @@ def plan(
     propagate: bool = True,
     all_sites: bool = False,
     couple: bool = True,
+    rules: Mapping[Any, Any] | None = None,
 ) -> Plan:
     """Compute what :func:`replace` would do, without doing it.
 
     Takes the same arguments as :func:`replace` (but never ``inplace``).
+        rules: rules in effect for this call only, before the registered ones
+            (``{MyLayer: my_rule}``; see :func:`fxindex.rules.using`).
 
     Returns:
         A :class:`~fxindex.plan.Plan`: the touched nodes with old and new
@@ -676,10 +715,11 @@ def plan(
         >>> [edit.action for edit in steps.edits]
         ['replace', 'rewrite', 'rebuild']
     """
-    _, planned, _ = _plan_edit(
-        "fxindex.plan", model, index, new_layer, example_inputs, keep, propagate, all_sites, couple
-    )
-    return planned
+    with using(rules):
+        _, planned, _ = _plan_edit(
+            "fxindex.plan", model, index, new_layer, example_inputs, keep, propagate, all_sites, couple
+        )
+        return planned
 
 
 def replace(
@@ -694,6 +734,7 @@ def replace(
     all_sites: bool = False,
     couple: bool = True,
     share_untouched: bool = False,
+    rules: Mapping[Any, Any] | None = None,
 ) -> fx.GraphModule:
     """Replace the layer at an execution-order index and adapt the graph downstream.
 
@@ -717,8 +758,13 @@ def replace(
             with a dict ``index``.
         propagate: adapt downstream layers (default). With ``False`` only the
             call site changes, and downstream layers must accept its output.
-        inplace: edit ``model`` itself (a GraphModule) instead of a copy. Even
-            then a failed call leaves it untouched.
+        inplace: edit ``model`` itself instead of a copy. Even then a failed
+            call leaves it untouched. On a plain module (not a GraphModule)
+            the edit is written back into its own module tree, so it keeps
+            its class, methods and hooks, and verified by running it against
+            the edited graph; an edit its eager code cannot express (a
+            rewritten hard-coded ``view``) is an ``EditError`` that restores
+            it exactly (use ``inplace=False`` for the GraphModule then).
         all_sites: replace every call site of a module called several times
             (default: only the selected one, under a new unique name).
         couple: when the change meets a join (a residual ``add``, a gating
@@ -734,6 +780,8 @@ def replace(
             the other way round. Default ``False``: a deep copy that shares
             nothing (the tensors of layers the edit replaces are not copied,
             as the copy drops them).
+        rules: rules in effect for this call only, before the registered ones
+            (``{MyLayer: my_rule}``; see :func:`fxindex.rules.using`).
 
     Returns:
         The rebuilt ``GraphModule``, linted and recompiled. Unless ``inplace``,
@@ -757,10 +805,11 @@ def replace(
         >>> rebuilt(*inputs).shape
         torch.Size([2, 8])
     """
-    source, planned, edit = _plan_edit(
-        "fxindex.replace", model, index, new_layer, example_inputs, keep, propagate, all_sites, couple
-    )
-    return _install(source, planned, inplace, [{**edit, "propagate": propagate}], share_untouched)
+    with using(rules):
+        source, planned, edit = _plan_edit(
+            "fxindex.replace", model, index, new_layer, example_inputs, keep, propagate, all_sites, couple
+        )
+        return _install(source, planned, inplace, [{**edit, "propagate": propagate}], share_untouched, model, example_inputs)
 
 
 def _several(index: Any, caller: str) -> list[Any]:
@@ -790,6 +839,7 @@ def remove(
     example_inputs: tuple[Any, ...] | None = None,
     inplace: bool = False,
     share_untouched: bool = False,
+    rules: Mapping[Any, Any] | None = None,
 ) -> fx.GraphModule:
     """Remove the layer at ``index`` (or every layer of a list): its input flows straight to its users.
 
@@ -807,6 +857,8 @@ def remove(
             then a failed call leaves it untouched.
         share_untouched: a light copy sharing every tensor it does not
             rebuild with ``model`` (see :func:`replace`).
+        rules: rules in effect for this call only, before the registered ones
+            (``{MyLayer: my_rule}``; see :func:`fxindex.rules.using`).
 
     Returns:
         The rebuilt ``GraphModule``; the call sites are gone from its index.
@@ -817,35 +869,36 @@ def remove(
         >>> [e.target for e in fxindex.index(fxindex.remove(net, 1))]
         ['0', '2']
     """
-    caller = "fxindex.remove"
-    with _editing():
-        source = _source(model, example_inputs, caller=caller)
-        try:
-            layers = source.index()
-            positions: dict[int, None] = {}
-            for key in _several(index, caller):
-                position = layers.resolve(key)
-                if position in positions:
-                    raise TypeError(f"{caller}: {_label(layers, position)} is selected twice")
-                positions[position] = None
-            targets = []
-            for position in positions:
-                node = layers.node(position)
-                widths = find_widths(source.module.get_submodule(str(node.target)))
-                # Without the layer, its users read its input: the same dimension at the input's width.
-                passed = Widths(widths.in_dim, widths.in_size, widths.in_dim, widths.in_size) if widths else None
-                targets.append(Target(node, nn.Identity(), None, _label(layers, position), "remove", widths, passed))
-            planned = build_plan(source.module, targets, graph=source.graph)
-        except FxIndexError as error:
-            raise _with_context(error, caller) from error.__cause__
-        what = "removing " + ", ".join(_label(layers, position) for position in positions)
-        _warn_if_output_changes(planned, caller, what)
-        # Recorded one removal per layer, the last first: replayed one by one, each index still names its layer.
-        edits = [
-            {"op": "remove", "index": position, "target": str(layers.node(position).target)}
-            for position in sorted(positions, reverse=True)
-        ]
-        return _install(source, planned, inplace, edits, share_untouched)
+    with using(rules):
+        caller = "fxindex.remove"
+        with _editing():
+            source = _source(model, example_inputs, caller=caller)
+            try:
+                layers = source.index()
+                positions: dict[int, None] = {}
+                for key in _several(index, caller):
+                    position = layers.resolve(key)
+                    if position in positions:
+                        raise TypeError(f"{caller}: {_label(layers, position)} is selected twice")
+                    positions[position] = None
+                targets = []
+                for position in positions:
+                    node = layers.node(position)
+                    widths = find_widths(source.module.get_submodule(str(node.target)))
+                    # Without the layer, its users read its input: the same dimension at the input's width.
+                    passed = Widths(widths.in_dim, widths.in_size, widths.in_dim, widths.in_size) if widths else None
+                    targets.append(Target(node, nn.Identity(), None, _label(layers, position), "remove", widths, passed))
+                planned = build_plan(source.module, targets, graph=source.graph)
+            except FxIndexError as error:
+                raise _with_context(error, caller) from error.__cause__
+            what = "removing " + ", ".join(_label(layers, position) for position in positions)
+            _warn_if_output_changes(planned, caller, what)
+            # Recorded one removal per layer, the last first: replayed one by one, each index still names its layer.
+            edits = [
+                {"op": "remove", "index": position, "target": str(layers.node(position).target)}
+                for position in sorted(positions, reverse=True)
+            ]
+            return _install(source, planned, inplace, edits, share_untouched, model, example_inputs)
 
 
 def insert(
@@ -857,6 +910,7 @@ def insert(
     example_inputs: tuple[Any, ...] | None = None,
     inplace: bool = False,
     share_untouched: bool = False,
+    rules: Mapping[Any, Any] | None = None,
 ) -> fx.GraphModule:
     """Insert ``new_layer`` after (or before) the layer at ``index``.
 
@@ -878,6 +932,8 @@ def insert(
             then a failed call leaves it untouched.
         share_untouched: a light copy sharing every tensor it does not
             rebuild with ``model`` (see :func:`replace`).
+        rules: rules in effect for this call only, before the registered ones
+            (``{MyLayer: my_rule}``; see :func:`fxindex.rules.using`).
 
     Returns:
         The rebuilt ``GraphModule``.
@@ -889,67 +945,68 @@ def insert(
         >>> [type(e.module).__name__ for e in fxindex.index(rebuilt)]
         ['Linear', 'ReLU', 'Linear']
     """
-    caller = "fxindex.insert"
-    with _editing():
-        source = _source(model, example_inputs, caller=caller)
-        try:
-            layers = source.index()
-            if isinstance(index, Mapping):
-                if new_layer is not None:
-                    raise TypeError(f"{caller}: with a dict of insertions, leave new_layer out (got {_short_type(new_layer)})")
-                if not index:
-                    raise TypeError(f"{caller}: the dict of insertions is empty")
-                choices = list(index.items())
-            else:
-                if new_layer is None:
-                    raise TypeError(f"{caller}: new_layer is missing: pass an nn.Module (or a dict {{index: layer}} as index)")
-                choices = [(index, new_layer)]
-            chosen: dict[int, nn.Module] = {}
-            for key, layer in choices:
-                position = layers.resolve(key)
-                if position in chosen:
-                    raise TypeError(f"{caller}: {_label(layers, position)} is selected twice")
-                chosen[position] = _check_layer(layer, _label(layers, position), source.module)
-            # The caller's graph is never touched while planning: the new nodes go into a copy.
-            staged = source.staged()
-            staged_layers = staged.index()
-            targets = []
-            names: dict[int, str] = {}
-            for position, layer in chosen.items():
-                anchor = staged_layers.node(position)
-                name = _unique_name(source.module, f"{anchor.target}_inserted", plain_first=True, taken=set(names.values()))
-                names[position] = name
-                new_node = _insert_node(staged.graph, anchor, name, after)
-                staged.extra_modules[name] = nn.Identity()
-                anchor_widths = find_widths(source.module.get_submodule(str(anchor.target)))
-                if anchor_widths is not None:
-                    # The placeholder identity passes on what the anchor writes (after) or reads (before).
-                    dim, size = (
-                        (anchor_widths.out_dim, anchor_widths.out_size) if after
-                        else (anchor_widths.in_dim, anchor_widths.in_size)
-                    )
-                    anchor_widths = Widths(dim, size, dim, size)
-                label = f"new layer {name!r} {'after' if after else 'before'} {_label(layers, position)}"
-                targets.append(Target(new_node, layer, None, label, old_widths=anchor_widths))
-            planned = build_plan(
-                source.module, targets, graph=staged.graph, extra_modules=staged.extra_modules
-            )
-        except FxIndexError as error:
-            raise _with_context(error, caller) from error.__cause__
-        what = "inserting " + ", ".join(f"{names[p]!r}" for p in chosen)
-        _warn_if_output_changes(planned, caller, what)
-        # One insertion per anchor, the last first: replayed one by one, each index still names its anchor.
-        edits = [
-            {
-                "op": "insert",
-                "index": position,
-                "target": str(layers.node(position).target),
-                "after": after,
-                "layer": describe_layer(chosen[position]),
-            }
-            for position in sorted(chosen, reverse=True)
-        ]
-        return _install(staged, planned, inplace, edits, share_untouched)
+    with using(rules):
+        caller = "fxindex.insert"
+        with _editing():
+            source = _source(model, example_inputs, caller=caller)
+            try:
+                layers = source.index()
+                if isinstance(index, Mapping):
+                    if new_layer is not None:
+                        raise TypeError(f"{caller}: with a dict of insertions, leave new_layer out (got {_short_type(new_layer)})")
+                    if not index:
+                        raise TypeError(f"{caller}: the dict of insertions is empty")
+                    choices = list(index.items())
+                else:
+                    if new_layer is None:
+                        raise TypeError(f"{caller}: new_layer is missing: pass an nn.Module (or a dict {{index: layer}} as index)")
+                    choices = [(index, new_layer)]
+                chosen: dict[int, nn.Module] = {}
+                for key, layer in choices:
+                    position = layers.resolve(key)
+                    if position in chosen:
+                        raise TypeError(f"{caller}: {_label(layers, position)} is selected twice")
+                    chosen[position] = _check_layer(layer, _label(layers, position), source.module)
+                # The caller's graph is never touched while planning: the new nodes go into a copy.
+                staged = source.staged()
+                staged_layers = staged.index()
+                targets = []
+                names: dict[int, str] = {}
+                for position, layer in chosen.items():
+                    anchor = staged_layers.node(position)
+                    name = _unique_name(source.module, f"{anchor.target}_inserted", plain_first=True, taken=set(names.values()))
+                    names[position] = name
+                    new_node = _insert_node(staged.graph, anchor, name, after)
+                    staged.extra_modules[name] = nn.Identity()
+                    anchor_widths = find_widths(source.module.get_submodule(str(anchor.target)))
+                    if anchor_widths is not None:
+                        # The placeholder identity passes on what the anchor writes (after) or reads (before).
+                        dim, size = (
+                            (anchor_widths.out_dim, anchor_widths.out_size) if after
+                            else (anchor_widths.in_dim, anchor_widths.in_size)
+                        )
+                        anchor_widths = Widths(dim, size, dim, size)
+                    label = f"new layer {name!r} {'after' if after else 'before'} {_label(layers, position)}"
+                    targets.append(Target(new_node, layer, None, label, old_widths=anchor_widths))
+                planned = build_plan(
+                    source.module, targets, graph=staged.graph, extra_modules=staged.extra_modules
+                )
+            except FxIndexError as error:
+                raise _with_context(error, caller) from error.__cause__
+            what = "inserting " + ", ".join(f"{names[p]!r}" for p in chosen)
+            _warn_if_output_changes(planned, caller, what)
+            # One insertion per anchor, the last first: replayed one by one, each index still names its anchor.
+            edits = [
+                {
+                    "op": "insert",
+                    "index": position,
+                    "target": str(layers.node(position).target),
+                    "after": after,
+                    "layer": describe_layer(chosen[position]),
+                }
+                for position in sorted(chosen, reverse=True)
+            ]
+            return _install(staged, planned, inplace, edits, share_untouched, model, example_inputs)
 
 
 def _insert_node(graph: fx.Graph, anchor: fx.Node, name: str, after: bool) -> fx.Node:

@@ -18,7 +18,7 @@ the check runs on a copy first, so a failed call never modifies the model.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import copy
@@ -26,6 +26,7 @@ import copy
 import torch
 from torch import fx, nn
 
+from fxindex.rules.registry import using
 from fxindex.errors import EditError, FxIndexError, PropagationError, ShapeMismatchError
 from fxindex.group import group_of_node, prepare
 from fxindex.index import LayerIndex
@@ -329,18 +330,22 @@ def plan_resize(
     *,
     keep: Sequence[int] | None = None,
     example_inputs: tuple[Any, ...] | None = None,
+    rules: Mapping[Any, Any] | None = None,
 ) -> Plan:
     """What :func:`resize` would do, without doing it: every member it rebuilds or rewrites.
 
     Takes :func:`resize`'s arguments (but never ``inplace``).
+        rules: rules in effect for this call only, before the registered ones
+            (``{MyLayer: my_rule}``; see :func:`fxindex.rules.using`).
 
     Returns:
         A :class:`~fxindex.plan.Plan`; ``print(plan)`` shows it as a table.
     """
-    try:
-        return _plan_resize(model, index, width, keep, example_inputs)[1]
-    except FxIndexError as error:
-        raise _with_context(error) from error.__cause__
+    with using(rules):
+        try:
+            return _plan_resize(model, index, width, keep, example_inputs)[1]
+        except FxIndexError as error:
+            raise _with_context(error) from error.__cause__
 
 
 def _with_context(error: FxIndexError) -> FxIndexError:
@@ -357,6 +362,7 @@ def resize(
     keep: Sequence[int] | None = None,
     example_inputs: tuple[Any, ...] | None = None,
     inplace: bool = False,
+    rules: Mapping[Any, Any] | None = None,
 ) -> fx.GraphModule:
     """Change the output width of the layer at ``index`` and of its whole channel group.
 
@@ -377,6 +383,8 @@ def resize(
             ``model`` was traced with them).
         inplace: edit ``model`` (a GraphModule) itself; even then a failed
             call leaves it untouched.
+        rules: rules in effect for this call only, before the registered ones
+            (``{MyLayer: my_rule}``; see :func:`fxindex.rules.using`).
 
     Returns:
         The rebuilt ``GraphModule``, linted, recompiled and shape-checked;
@@ -400,27 +408,34 @@ def resize(
         (72, 72)
         >>> torch.testing.assert_close(wider(x), net(x), rtol=1e-5, atol=1e-5)
     """
-    try:
-        source, plan, tensors, edit = _plan_resize(model, index, width, keep, example_inputs)
-        # Install into the caller's GraphModule (or the trace of a plain module), never into a shape view.
-        target = model if isinstance(model, fx.GraphModule) else source
-        inputs = _check_inputs(source, example_inputs)
-        result = _copy(target)
-        _install(result, plan, tensors)
-        if inputs is not None:
-            try:
-                record_shapes(result, inputs)
-            except ShapeMismatchError as error:
-                raise PropagationError(f"the resized graph does not run: {error}") from error
-        if inplace:
-            # Checked on the copy: now the same edit, on the caller's module, with the copy's shapes.
-            _install(target, plan, tensors)
-            metas = {node.name: node.meta.get("tensor_meta") for node in result.graph.nodes}
-            for node in target.graph.nodes:
-                if metas.get(node.name) is not None:
-                    node.meta["tensor_meta"] = metas[node.name]
-            result = target
-    except FxIndexError as error:
-        raise _with_context(error) from error.__cause__
-    record_edit(result, edit)
-    return result
+    with using(rules):
+        try:
+            source, plan, tensors, edit = _plan_resize(model, index, width, keep, example_inputs)
+            # Install into the caller's GraphModule (or the trace of a plain module), never into a shape view.
+            target = model if isinstance(model, fx.GraphModule) else source
+            inputs = _check_inputs(source, example_inputs)
+            result = _copy(target)
+            _install(result, plan, tensors)
+            if inputs is not None:
+                try:
+                    record_shapes(result, inputs)
+                except ShapeMismatchError as error:
+                    raise PropagationError(f"the resized graph does not run: {error}") from error
+            if inplace and not isinstance(model, fx.GraphModule):
+                # A plain module keeps its class and methods: the checked copy is written back into it.
+                from fxindex.writeback import write_back
+
+                record_edit(result, edit)
+                return write_back(model, result, plan.edits, example_inputs, caller=_CALLER)
+            if inplace:
+                # Checked on the copy: now the same edit, on the caller's module, with the copy's shapes.
+                _install(target, plan, tensors)
+                metas = {node.name: node.meta.get("tensor_meta") for node in result.graph.nodes}
+                for node in target.graph.nodes:
+                    if metas.get(node.name) is not None:
+                        node.meta["tensor_meta"] = metas[node.name]
+                result = target
+        except FxIndexError as error:
+            raise _with_context(error) from error.__cause__
+        record_edit(result, edit)
+        return result

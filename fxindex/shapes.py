@@ -1,10 +1,15 @@
-"""Recording tensor shapes on fx nodes, with fake tensors when possible.
+"""Recording tensor shapes on fx nodes, on meta tensors when possible.
 
 Shapes follow torch.fx's ShapeProp convention: ``node.meta["tensor_meta"]`` is
 a ``torch.fx.passes.shape_prop.TensorMetadata`` (or a tuple/list of them for a
-node that returns several tensors).  fxindex computes them under a
-``FakeTensorMode``, so a large model costs no real arithmetic, and falls back
-to one real forward only where fake propagation fails (data-dependent ops).
+node that returns several tensors). fxindex computes them on meta tensors
+(shape, dtype and strides, no data and no arithmetic): every parameter and
+buffer is copied to meta once per pass, layers run as shallow copies holding
+those meta tensors, so the caller's model is never touched. Kernels run with
+the layouts of the model's device and their output metadata is remembered
+per op and input metadata (see ``_MetaCache``), so a repeated layer costs
+microseconds. A node meta cannot run is re-run on fake tensors with the real
+layer; a model that fails on both (data-dependent ops) gets one real forward.
 """
 
 from __future__ import annotations
@@ -12,16 +17,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from fxindex.errors import ShapeMismatchError
+from fxindex.errors import FxIndexError, ShapeMismatchError
 
 __all__ = [
     "TensorMetadata",
@@ -30,6 +36,12 @@ __all__ = [
     "record_shapes_on",
     "make_fake_mode",
     "fake_tensor_like",
+    "meta_tensor_like",
+    "MetaConverter",
+    "to_meta",
+    "meta_to_fake",
+    "meta_kernel_cache",
+    "MetaUnsupportedError",
     "meta_of",
     "preserving_buffers",
     "quiet_fake_errors",
@@ -168,6 +180,391 @@ def meta_of(result: Any) -> Any:
     return meta if found else None
 
 
+# --------------------------------------------------------------------------- meta tensors
+
+# Tensor types copied to meta: plain tensors and parameters, and the fake inputs the
+# command line passes (only their shapes, dtypes and strides are read). A tensor
+# subclass may change what an op returns, so it makes the pass fall back to fake tensors.
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter, FakeTensor)
+
+
+class MetaUnsupportedError(FxIndexError, RuntimeError):
+    """A tensor or layer that has no faithful meta copy (quantized, sparse, a subclass, TorchScript).
+
+    Raised by :class:`MetaConverter`; the shape pass catches it and runs that
+    node (or, for an input, the whole pass) on fake tensors instead.
+    """
+
+
+def _meta_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A new meta tensor with ``tensor``'s shape, strides, dtype, ``requires_grad`` and class."""
+    if type(tensor) not in _PLAIN_TENSORS or tensor.layout != torch.strided or tensor.is_quantized or tensor.is_nested:
+        raise MetaUnsupportedError(
+            f"a {type(tensor).__name__} with layout {tensor.layout} has no meta copy that behaves like it"
+        )
+    # empty_strided, not .to("meta"): the copy is a leaf (no autograd link to the caller's
+    # tensor) and keeps expanded (stride 0) and channels-last strides exactly.
+    copy = torch.empty_strided(tuple(tensor.shape), tuple(tensor.stride()), dtype=tensor.dtype, device="meta")
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(copy, requires_grad=tensor.requires_grad)
+    return copy.requires_grad_(tensor.requires_grad)
+
+
+def meta_tensor_like(meta: TensorMetadata) -> torch.Tensor:
+    """A meta tensor with ``meta``'s shape, strides, dtype and ``requires_grad``.
+
+    Args:
+        meta: recorded metadata of one tensor.
+
+    Returns:
+        A leaf tensor on the meta device (no memory).
+    """
+    tensor = torch.empty_strided(tuple(meta.shape), tuple(meta.stride), dtype=meta.dtype, device="meta")
+    if meta.requires_grad and (meta.dtype.is_floating_point or meta.dtype.is_complex):
+        tensor.requires_grad_(True)
+    return tensor
+
+
+def _map_tensors(value: Any, function: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` with ``function`` applied to every tensor inside tuples, lists and dicts, types kept.
+
+    Unlike ``torch.fx.node.map_aggregate`` a list stays a list and a dict keeps its class
+    (an ``OrderedDict``, a model-output dict), since the result is passed on to user code.
+    A container that cannot be rebuilt is returned as it was.
+    """
+    if isinstance(value, torch.Tensor):
+        return function(value)
+    if isinstance(value, (tuple, list)):
+        items = [_map_tensors(item, function) for item in value]
+        if all(new is old for new, old in zip(items, value)):
+            return value
+        if isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple
+            return type(value)(*items)
+        try:
+            return type(value)(items)
+        except Exception:  # a container class with a constructor of its own
+            return value
+    if isinstance(value, dict):
+        mapped = {key: _map_tensors(item, function) for key, item in value.items()}
+        if all(mapped[key] is item for key, item in value.items()):
+            return value
+        try:
+            return type(value)(mapped)
+        except Exception:
+            return value
+    return value
+
+
+def to_meta(value: Any) -> Any:
+    """``value`` with every tensor in it (fake or real, nested in tuples, lists, dicts) as a new meta tensor.
+
+    Meta tensors are returned as they are. Used to bring a fake re-run's result back
+    among the meta values of a shape pass.
+
+    Args:
+        value: a node's result.
+
+    Returns:
+        The same structure holding meta tensors.
+    """
+    return _map_tensors(value, lambda tensor: tensor if _is_plain_meta(tensor) else _meta_copy(tensor))
+
+
+def _is_plain_meta(tensor: torch.Tensor) -> bool:
+    """On meta and not a fake tensor (a fake tensor made for the meta device reports ``meta`` too)."""
+    return tensor.device.type == "meta" and not isinstance(tensor, FakeTensor)
+
+
+def meta_to_fake(value: Any, mode: FakeTensorMode, device: torch.device | str) -> Any:
+    """``value`` with every meta tensor in it as a fake tensor of ``mode`` on ``device``; other values kept.
+
+    Args:
+        value: node arguments holding meta tensors.
+        mode: the fake mode of the re-run.
+        device: the device the real run would use (TensorMetadata has none).
+
+    Returns:
+        The same structure holding fake tensors (same shapes, strides, dtypes, ``requires_grad``).
+    """
+
+    def convert(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type != "meta" or isinstance(tensor, FakeTensor):
+            return tensor
+        with mode:
+            fake = torch.empty_strided(tuple(tensor.shape), tuple(tensor.stride()), dtype=tensor.dtype, device=device)
+        return fake.requires_grad_(tensor.requires_grad) if tensor.requires_grad else fake
+
+    return _map_tensors(value, convert)
+
+
+class MetaConverter:
+    """Meta copies of a model's tensors and layers, each made once per converter.
+
+    A layer's copy is shallow: a new instance of the same class sharing the
+    original's attributes, except that its parameters, buffers and tensor
+    attributes are meta copies and its child layers are copies too. Calling
+    the copy's ``forward`` therefore runs the layer's own code on meta tensors
+    without swapping anything inside the caller's model (which another thread
+    may be using at the same time), and an assignment in ``forward``
+    (``self.num_batches_tracked += 1``) lands on the copy.
+
+    ``torch.func.functional_call`` is not used because it calls ``module(...)``
+    (the user's hooks would run) and swaps the tensors of the caller's model in
+    place for the duration of the call.
+    """
+
+    def __init__(self) -> None:
+        # id -> (original, copy); the original is held so that its id cannot be reused.
+        self._tensors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._modules: dict[int, tuple[nn.Module, nn.Module]] = {}
+
+    def tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The meta copy of ``tensor`` (made on first use; a meta tensor is its own copy).
+
+        Raises:
+            MetaUnsupportedError: ``tensor`` is quantized, sparse, nested or a subclass.
+        """
+        if tensor.device.type == "meta" and type(tensor) in (torch.Tensor, nn.Parameter):
+            return tensor
+        known = self._tensors.get(id(tensor))
+        if known is not None:
+            return known[1]
+        copy = _meta_copy(tensor)
+        self._tensors[id(tensor)] = (tensor, copy)
+        return copy
+
+    def value(self, value: Any) -> Any:
+        """``value`` with its tensors as meta copies and a layer as its meta copy; other values kept."""
+        if isinstance(value, nn.Module):
+            return self.module(value)
+        return _map_tensors(value, self.tensor)
+
+    def module(self, module: nn.Module) -> nn.Module:
+        """The shallow meta copy of ``module`` and of its children (made on first use).
+
+        Raises:
+            MetaUnsupportedError: a TorchScript module, or a tensor without a meta copy.
+        """
+        known = self._modules.get(id(module))
+        if known is not None:
+            return known[1]
+        if isinstance(module, torch.jit.ScriptModule):
+            raise MetaUnsupportedError(f"TorchScript module {type(module).__name__} runs its own compiled code")
+        cls = type(module)
+        copy = cls.__new__(cls)
+        state = dict(module.__dict__)
+        object.__setattr__(copy, "__dict__", state)
+        # Registered before the children: a layer shared by two parents (or a cycle) gets one copy.
+        self._modules[id(module)] = (module, copy)
+        for key, item in module.__dict__.items():
+            if isinstance(item, torch.Tensor):  # a plain tensor attribute (weight_norm's weight, a mask)
+                state[key] = self.tensor(item)
+        state["_parameters"] = {
+            name: None if item is None else self.tensor(item) for name, item in module._parameters.items()
+        }
+        state["_buffers"] = {name: None if item is None else self.tensor(item) for name, item in module._buffers.items()}
+        state["_modules"] = {name: None if item is None else self.module(item) for name, item in module._modules.items()}
+        return copy
+
+
+class _MetaCache(TorchDispatchMode):
+    """Computes meta kernels with the semantics of ``device``, and remembers their output metadata.
+
+    Device: torch's meta kernels ask the tensor for its device
+    (``device_hint``) and take a plain meta tensor for a CUDA one, so on a CPU
+    model they would pick CUDA's output layouts (a convolution of a
+    channels-last input comes out contiguous on meta, channels-last on CPU).
+    A kernel is therefore computed on fake tensors that carry ``device``.
+
+    Remembering: that costs a fake dispatch (and many kernels are Python
+    decompositions: a BatchNorm costs milliseconds), but a model repeats the
+    same layer on the same shapes, so the second call of an op with inputs of
+    the same shapes, strides, dtypes and other arguments builds its outputs
+    straight from the first call's metadata. Only ops whose schema neither
+    mutates nor aliases (no ``Tensor(a)`` anywhere) are remembered or sent to
+    fake tensors: a view or an in-place op must return the very tensor it was
+    given, and its layout follows from its input's on any device. This sits
+    below autograd, so ``requires_grad`` and ``grad_fn`` of the results are set
+    as without it.
+    """
+
+    # Bounded, so a long-lived process planning ever new shapes does not grow it without end.
+    MAX_ENTRIES = 20_000
+
+    def __init__(self, entries: dict[Any, Any], device: torch.device) -> None:
+        super().__init__()
+        self.entries = entries
+        self.device = device
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if not _cacheable_op(func):
+            return func(*args, **kwargs)
+        try:
+            key = (self.device, func, torch.get_default_dtype(), _key_of(args), _key_of(kwargs))
+        except _NoKey:
+            return self.compute(func, args, kwargs)
+        recipe = self.entries.get(key)
+        if recipe is not None:
+            return _build_from(recipe)
+        result = self.compute(func, args, kwargs)
+        recipe = _recipe_of(result, args, kwargs)
+        if recipe is not None:
+            if len(self.entries) >= self.MAX_ENTRIES:
+                self.entries.clear()
+            self.entries[key] = recipe
+        return result
+
+    def compute(self, func: Any, args: Any, kwargs: Any) -> Any:
+        """``func`` on fake copies of the meta arguments placed on ``self.device``; the outputs as meta."""
+        if self.device.type == "meta":  # a model built on meta: no device to imitate
+            return func(*args, **kwargs)
+        mode = make_fake_mode()
+        # The converter wraps the meta tensor itself (no dispatch): ~13 us a tensor against
+        # ~75 us for an empty_strided under the mode. It is not public API, hence the fallback.
+        converter = getattr(getattr(mode, "fake_tensor_converter", None), "from_meta_and_device", None)
+
+        def fake(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.device.type != "meta":
+                return tensor  # a CPU scalar tensor: the fake mode takes it as it is
+            if converter is not None and not isinstance(tensor, FakeTensor):
+                # Safe to wrap the meta tensor itself: only ops that neither mutate nor alias get here.
+                return converter(mode, tensor, self.device)
+            with mode:
+                return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=self.device)
+
+        fake_args, fake_kwargs = _map_tensors((args, kwargs), fake)
+        device = fake_kwargs.get("device")
+        if isinstance(device, torch.device) and device.type == "meta":
+            # A factory call (torch.zeros(n) under the meta device): made on the model's device.
+            fake_kwargs = {**fake_kwargs, "device": self.device}
+        with mode, quiet_fake_errors():
+            result = func(*fake_args, **fake_kwargs)
+        return to_meta(result)
+
+
+class _NoKey(Exception):
+    """An argument the cache cannot key on (a Python object, a tensor not on meta)."""
+
+
+_CACHEABLE: dict[Any, bool] = {}
+
+
+def _cacheable_op(func: Any) -> bool:
+    known = _CACHEABLE.get(func)
+    if known is None:
+        schema = getattr(func, "_schema", None)
+        known = (
+            schema is not None
+            and not schema.is_mutable
+            and all(argument.alias_info is None for argument in schema.arguments)
+            and all(result.alias_info is None for result in schema.returns)
+        )
+        _CACHEABLE[func] = known
+    return known
+
+
+_KEY_SCALARS = frozenset(
+    {int, float, bool, complex, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format}
+)
+_TENSOR_KEY = object()  # marks a tensor's entry, so no tuple of numbers can look like one
+
+
+def _key_of(value: Any) -> Any:
+    """A hashable key of ``value``'s metadata; raises :class:`_NoKey` for anything else."""
+    cls = type(value)
+    if cls is torch.Tensor or cls is nn.Parameter:
+        if value.is_conj() or value.is_neg() or value.layout != torch.strided:
+            raise _NoKey
+        return (_TENSOR_KEY, value.shape, value.stride(), value.storage_offset(), value.dtype, value.device)
+    if cls in _KEY_SCALARS:
+        # The type is part of the key: 1, 1.0 and True are equal dict keys, not equal arguments.
+        return (cls, value)
+    if cls is tuple or cls is list or cls is torch.Size:
+        return (cls, tuple(_key_of(item) for item in value))
+    if cls is dict:
+        return (cls, tuple((key, _key_of(item)) for key, item in value.items())) if value else (cls,)
+    raise _NoKey
+
+
+def _recipe_of(result: Any, args: Any, kwargs: Any) -> Any:
+    """How to rebuild ``result`` (meta tensors, tuples and lists of them), or ``None`` if it cannot be."""
+    if isinstance(result, torch.Tensor):
+        if (
+            type(result) is not torch.Tensor
+            or result.device.type != "meta"
+            or result.layout != torch.strided
+            or result.storage_offset() != 0
+            or result.is_conj()
+            or result.is_neg()
+            or any(result is item for item in args)
+            or any(result is item for item in kwargs.values())
+        ):
+            return None
+        return ("T", tuple(result.shape), result.stride(), result.dtype)
+    if isinstance(result, (tuple, list)):
+        items = [None if item is None else _recipe_of(item, args, kwargs) for item in result]
+        if any(recipe is None and item is not None for recipe, item in zip(items, result)):
+            return None
+        return (type(result), tuple(items))
+    return None
+
+
+def _build_from(recipe: Any) -> Any:
+    kind, *rest = recipe
+    if kind == "T":
+        shape, stride, dtype = rest
+        return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+    (items,) = rest
+    return kind(None if item is None else _build_from(item) for item in items)
+
+
+def meta_kernel_cache(device: torch.device | str) -> TorchDispatchMode:
+    """A dispatch mode for meta computations that imitate ``device`` (see :class:`_MetaCache`).
+
+    Enter it with ``with``, only around computations on meta tensors, never
+    inside a fake mode. One table of remembered outputs per thread, shared by
+    all passes: the second trace of a model, or the re-run of its touched
+    nodes while planning, finds its ops there.
+
+    Args:
+        device: the device whose kernels' output layouts the results must
+            have (the model's); ``"meta"`` for a model built on meta.
+
+    Returns:
+        A fresh mode object over this thread's table.
+    """
+    entries = getattr(_shared, "meta_entries", None)
+    if entries is None:
+        entries = _shared.meta_entries = {}
+    return _MetaCache(entries, torch.device(device))
+
+
+def _meta_device_plan(graph_module: nn.Module, example_inputs: tuple[Any, ...]) -> torch.device | None:
+    """The device fake re-runs use on the meta path, or ``None`` when the meta path must not be taken.
+
+    Meta tensors forget their device, so a model whose tensors and inputs are
+    on different devices (a CPU input to a CUDA model, a model split over two
+    GPUs) goes to fake tensors, which keep devices and report the mismatch.
+    Tensors already on meta (a model built on the meta device) fit any device.
+    """
+    devices: set[torch.device] = set()
+
+    def note(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type != "meta":
+            devices.add(tensor.device)
+        return tensor
+
+    for tensor in graph_module.parameters():
+        note(tensor)
+    for tensor in graph_module.buffers():
+        note(tensor)
+    _map_tensors(example_inputs, note)
+    if len(devices) > 1:
+        return None
+    return next(iter(devices)) if devices else torch.device("cpu")
+
+
 _MISSING = object()
 
 
@@ -210,7 +607,7 @@ class _ShapeRecorder(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         self._running = n
         try:
-            result = super().run_node(n)
+            result = self.compute(n)
         except Exception:
             if self.failed_node is None:
                 self.failed_node = n
@@ -219,6 +616,75 @@ class _ShapeRecorder(fx.Interpreter):
         if meta is not None:
             self.metas[n] = meta
         return result
+
+    def compute(self, n: fx.Node) -> Any:
+        """The value of ``n``: here the plain Interpreter's."""
+        return super().run_node(n)
+
+
+# Node kinds that run code; a placeholder or output that fails would fail on fake tensors too.
+_CALLS = frozenset({"call_module", "call_function", "call_method", "get_attr"})
+
+
+class _MetaShapeRecorder(_ShapeRecorder):
+    """A :class:`_ShapeRecorder` on meta tensors, re-running on fake tensors only the nodes meta cannot run.
+
+    Layers run as :class:`MetaConverter` copies (each parameter converted once
+    per pass), and factory calls without a device (``torch.zeros(n)``) create
+    meta tensors too. A node that fails on meta (a data-dependent op, a real
+    tensor that meta cannot meet) is run again with the real layer on fake
+    tensors, its result copied back to meta for the nodes after it.
+    """
+
+    def __init__(self, module: fx.GraphModule, metas: dict[fx.Node, Any], graph: fx.Graph | None, device: torch.device):
+        super().__init__(module, metas, graph)
+        self.converter = MetaConverter()
+        # Where the fake re-runs put activations (TensorMetadata has no device).
+        self.device = device
+        # Nodes that had to be re-run on fake tensors, in order (read by tests and for debugging).
+        self.fake_nodes: list[fx.Node] = []
+
+    def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return self.converter.module(self.fetch_attr(target)).forward(*args, **kwargs)
+
+    def get_attr(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return self.converter.value(self.fetch_attr(target))
+
+    def compute(self, n: fx.Node) -> Any:
+        try:
+            if n.op == "call_module":
+                # Copied before the modes below are entered: making a copy is no op to remember.
+                self.converter.module(self.fetch_attr(n.target))
+            with torch.device("meta"), meta_kernel_cache(self.device):
+                return super().compute(n)
+        except Exception:
+            if n.op not in _CALLS:
+                raise
+            # Raised inside this handler, the fake run's error chains to the meta one.
+            result = self.compute_on_fake(n)
+        self.fake_nodes.append(n)
+        return result
+
+    def compute_on_fake(self, n: fx.Node) -> Any:
+        """Run ``n`` with its real layer on fake copies of its meta inputs; the result back on meta."""
+        if n.op == "get_attr":
+            return self.fetch_attr(n.target)  # a tensor meta cannot copy: the real one, read only
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        mode = make_fake_mode()
+        args = meta_to_fake(args, mode, self.device)
+        kwargs = meta_to_fake(kwargs, mode, self.device)
+        module = self.fetch_attr(n.target) if n.op == "call_module" else None
+        # The real layer runs here: its buffers must come out as they went in (BatchNorm in train mode).
+        guard = preserving_buffers(module) if module is not None else contextlib.nullcontext()
+        with guard, mode, quiet_fake_errors():
+            if module is not None:
+                result = module.forward(*args, **kwargs)
+            elif n.op == "call_function":
+                result = n.target(*args, **kwargs)
+            else:
+                receiver, *rest = args
+                result = getattr(receiver, n.target)(*rest, **kwargs)
+        return to_meta(result)
 
 
 def _describe_inputs(example_inputs: tuple[Any, ...]) -> str:
@@ -232,8 +698,16 @@ def _describe_inputs(example_inputs: tuple[Any, ...]) -> str:
 def record_shapes(graph_module: fx.GraphModule, example_inputs: tuple[Any, ...]) -> None:
     """Run ``graph_module`` on ``example_inputs`` and record every node's shape.
 
-    Fake tensors are tried first; a real forward (without autograd, with
-    buffers restored afterwards) is the fallback.
+    Meta tensors are tried first (parameters and buffers copied to meta once,
+    the inputs too; the caller's model is only read); a node meta cannot run
+    is re-run on fake tensors with its real layer; a real forward (without
+    autograd, with buffers restored afterwards) is the last resort. A model
+    whose tensors and inputs sit on different devices, or that holds tensor
+    subclasses, skips meta and starts on fake tensors. User hooks never run
+    (layers are called through ``forward``) and the random stream is left as
+    it was. ``requires_grad`` in the metadata is what a real run under the
+    current grad mode gives (except after the real fallback, which runs
+    without autograd).
 
     Args:
         graph_module: the traced module; only its nodes' ``meta`` change.
@@ -254,6 +728,47 @@ def record_shapes(graph_module: fx.GraphModule, example_inputs: tuple[Any, ...])
     record_shapes_on(graph_module, graph_module.graph, example_inputs)
 
 
+def _record_fast(
+    graph_module: fx.GraphModule, graph: fx.Graph, example_inputs: tuple[Any, ...], metas: dict[fx.Node, Any]
+) -> set[fx.Node]:
+    """Record ``metas`` without real arithmetic: on meta tensors, else (mixed devices, subclasses) on fake ones.
+
+    Args:
+        graph_module: the traced module (its tensors are read, never written).
+        graph: the graph to run (``graph_module.graph`` or a copy of it).
+        example_inputs: one value per placeholder.
+        metas: filled with node -> metadata.
+
+    Returns:
+        The placeholders that got no example input.
+
+    Raises:
+        Exception: whatever the failing node raised (the caller falls back to a real run).
+    """
+    device = _meta_device_plan(graph_module, example_inputs)
+    if device is not None:
+        try:
+            meta_inputs = tuple(_map_tensors(value, _meta_copy) for value in example_inputs)
+        except MetaUnsupportedError:
+            device = None
+    if device is not None:
+        meta_recorder = _MetaShapeRecorder(graph_module, metas, graph, device)
+        # No buffer guard: the meta run writes only to copies, and the fake re-runs of
+        # single layers guard their own. fork_rng: cheap insurance for a custom op that draws.
+        with torch.random.fork_rng(devices=[]):
+            meta_recorder.run(*meta_inputs)
+        return meta_recorder.not_given
+    with preserving_buffers(graph_module):
+        mode = make_fake_mode()
+        fake_inputs = tuple(
+            mode.from_tensor(value) if isinstance(value, torch.Tensor) else value for value in example_inputs
+        )
+        recorder = _ShapeRecorder(graph_module, metas, graph)
+        with mode, quiet_fake_errors():
+            recorder.run(*fake_inputs)
+        return recorder.not_given
+
+
 def record_shapes_on(graph_module: fx.GraphModule, graph: fx.Graph, example_inputs: tuple[Any, ...]) -> None:
     """:func:`record_shapes` for ``graph``, a copy of ``graph_module``'s graph.
 
@@ -268,34 +783,26 @@ def record_shapes_on(graph_module: fx.GraphModule, graph: fx.Graph, example_inpu
         )
     metas: dict[fx.Node, Any] = {}
     not_given: set[fx.Node] = set()
-    with preserving_buffers(graph_module):
+    try:
+        not_given = _record_fast(graph_module, graph, example_inputs, metas)
+    except Exception:
+        # Data-dependent ops (.item(), nonzero) have neither a meta nor a fake kernel: one real run.
+        metas.clear()
+        recorder = _ShapeRecorder(graph_module, metas, graph)
         try:
-            mode = make_fake_mode()
-            fake_inputs = tuple(
-                mode.from_tensor(value) if isinstance(value, torch.Tensor) else value for value in example_inputs
-            )
-            recorder = _ShapeRecorder(graph_module, metas, graph)
-            with mode, quiet_fake_errors():
-                recorder.run(*fake_inputs)
+            # fork_rng: dropout in train mode must not advance the caller's random stream.
+            with preserving_buffers(graph_module), torch.no_grad(), torch.random.fork_rng(devices=[]):
+                recorder.run(*example_inputs)
             not_given = recorder.not_given
-        except Exception:
-            # Data-dependent ops (.item(), nonzero) have no fake kernel: fall back to one real run.
-            metas.clear()
-            recorder = _ShapeRecorder(graph_module, metas, graph)
-            try:
-                # fork_rng: dropout in train mode must not advance the caller's random stream.
-                with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                    recorder.run(*example_inputs)
-                not_given = recorder.not_given
-            except Exception as error:
-                node = recorder.failed_node
-                where = f"node '{node.name}' ({node.format_node()})" if node is not None else "the model"
-                # torch's first line says what is wrong; the rest is interpreter context.
-                reason = (str(error).strip().splitlines() or [""])[0]
-                raise ShapeMismatchError(
-                    f"example_inputs {_describe_inputs(example_inputs)} do not fit the model: "
-                    f"{where} failed with {type(error).__name__}: {reason}"
-                ) from error
+        except Exception as error:
+            node = recorder.failed_node
+            where = f"node '{node.name}' ({node.format_node()})" if node is not None else "the model"
+            # torch's first line says what is wrong; the rest is interpreter context.
+            reason = (str(error).strip().splitlines() or [""])[0]
+            raise ShapeMismatchError(
+                f"example_inputs {_describe_inputs(example_inputs)} do not fit the model: "
+                f"{where} failed with {type(error).__name__}: {reason}"
+            ) from error
     for node in graph.nodes:
         if node in metas:
             node.meta["tensor_meta"] = metas[node]

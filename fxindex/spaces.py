@@ -30,9 +30,11 @@ than the pass).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -55,6 +57,8 @@ __all__ = [
     "SpaceAnalysis",
     "register_space_rule",
     "find_space_rule",
+    "space_rule_overrides",
+    "space_rules_token",
     "analyze",
     "has_shapes",
     "describe_node",
@@ -220,6 +224,54 @@ def describe_node(node: fx.Node) -> str:
 
 RelationRule = Callable[["SpaceContext"], None]
 _SPACE_RULES: dict[Any, RelationRule] = {}
+# Bumped by every registration: an analysis cached before a new rule existed is not reused.
+_REGISTRATIONS = [0]
+# Rules in effect through fxindex.rules.using (innermost block last), per thread.
+_SPACE_OVERRIDES = threading.local()
+
+
+def _space_frames() -> list[dict[Any, RelationRule]]:
+    frames = getattr(_SPACE_OVERRIDES, "frames", None)
+    if frames is None:
+        frames = _SPACE_OVERRIDES.frames = []
+    return frames
+
+
+@contextlib.contextmanager
+def space_rule_overrides(rules: Mapping[Any, RelationRule]) -> Iterator[None]:
+    """Put relation rules in effect for the ``with`` block, before the registered ones (this thread only).
+
+    Use :func:`fxindex.rules.using`, which takes both kinds of rule; this is its channel-space half.
+
+    Args:
+        rules: ``{key: rule}``, keys as for :func:`register_space_rule`.
+    """
+    frames = _space_frames()
+    frames.append(dict(rules))
+    try:
+        yield
+    finally:
+        frames.pop()
+
+
+def space_rules_token() -> tuple[Any, ...]:
+    """What the relation rules in effect are, as a value to compare: cached analyses depend on it.
+
+    Returns:
+        The number of registrations so far and the rules put in effect by
+        :func:`fxindex.rules.using` blocks (keys and rule objects), innermost last.
+    """
+    return (_REGISTRATIONS[0], tuple(tuple(frame.items()) for frame in _space_frames() if frame))
+
+
+def has_space_rule_for_class(cls: type) -> bool:
+    """Whether ``cls`` itself (not a base) has a relation rule, registered or in effect."""
+    return cls in _SPACE_RULES or any(cls in frame for frame in _space_frames())
+
+
+def is_registered_space_rule(rule: Any) -> bool:
+    """Whether ``rule`` is registered as a relation rule (for any key)."""
+    return any(value is rule for value in _SPACE_RULES.values())
 
 
 def register_space_rule(*keys: type | Callable[..., Any] | str, replace: bool = False) -> Callable[[RelationRule], RelationRule]:
@@ -227,7 +279,10 @@ def register_space_rule(*keys: type | Callable[..., Any] | str, replace: bool = 
 
     Looked up like the propagation rules: a module type along the MRO (so
     subclasses of torch.nn layers inherit their rule), a function by identity
-    (``torch.cat``, ``operator.add``), a method by name (``"view"``).
+    (``torch.cat``, ``operator.add``), a method by name (``"view"``). A
+    module class with a rule is traced as one layer (a leaf) by default, so
+    ``@register_space_rule(MyLayer)`` alone lets ``group``, ``resize`` and a
+    coupled ``replace`` resize ``MyLayer``'s weights.
 
     Args:
         *keys: module classes, callables or method names.
@@ -254,23 +309,36 @@ def register_space_rule(*keys: type | Callable[..., Any] | str, replace: bool = 
                     "pass replace=True to override it"
                 )
             _SPACE_RULES[key] = rule
+        _REGISTRATIONS[0] += 1
         return rule
 
     return decorate
 
 
 def find_space_rule(node: fx.Node, module: nn.Module | None) -> RelationRule | None:
-    """The relation rule of ``node``: by its module's MRO, its function or its method name."""
-    if node.op == "call_module":
-        for cls in type(module).__mro__:
-            if cls in _SPACE_RULES:
-                return _SPACE_RULES[cls]
-        return None
-    if node.op in ("call_function", "call_method"):
-        try:
-            return _SPACE_RULES.get(node.target)
-        except TypeError:  # an unhashable target
-            return None
+    """The relation rule of ``node``: by its module's MRO, its function or its method name.
+
+    Rules in effect through :func:`fxindex.rules.using` come first (the
+    innermost block's first), then the registered ones.
+
+    Args:
+        node: the node of the pass.
+        module: its module for a ``call_module`` node, else ``None``.
+
+    Returns:
+        The rule, or ``None`` when there is none (the node then blocks what it reads).
+    """
+    for table in (*reversed(_space_frames()), _SPACE_RULES):
+        if node.op == "call_module":
+            for cls in type(module).__mro__:
+                if cls in table:
+                    return table[cls]
+        elif node.op in ("call_function", "call_method"):
+            try:
+                if node.target in table:
+                    return table[node.target]
+            except TypeError:  # an unhashable target
+                return None
     return None
 
 
@@ -650,7 +718,7 @@ def _no_rule(context: SpaceContext) -> None:
     if any(_flat_spaces(context.value(argument)) for argument in context.node.all_input_nodes):
         what = "module type " + type(context.module).__name__ if context.module is not None else context.op
         context.block_inputs(
-            f"no channel-space rule for {what}; teach fxindex with fxindex.spaces.register_space_rule"
+            f"no channel-space rule for {what}; teach fxindex with fxindex.register_space_rule"
         )
     context.output(context.output_fresh())
 
@@ -697,7 +765,7 @@ _CACHE_ATTRIBUTE = "_fxindex_spaces"
 
 def _fingerprint(graph_module: fx.GraphModule) -> list[tuple[Any, ...]]:
     """What the analysis depends on, per node: the node, its target and arguments, shapes, the called module or tensor."""
-    fingerprint: list[tuple[Any, ...]] = [(id(graph_module),)]
+    fingerprint: list[tuple[Any, ...]] = [(id(graph_module), space_rules_token())]
     for node in graph_module.graph.nodes:
         held: Any = None
         if node.op in ("call_module", "get_attr"):

@@ -14,6 +14,7 @@ from torch import fx, nn
 
 from fxindex.capture import CAPTURE_KEY, EXPORT_INFO_KEY, ExportFailure, capture_export
 from fxindex.errors import TraceError
+from fxindex.rules.registry import has_rule_for_class
 from fxindex.shapes import record_shapes
 from fxindex.speed import _fast_codegen_for, speed_up
 
@@ -83,6 +84,27 @@ def torch_layer_base(cls: type) -> type | None:
     return None
 
 
+def has_rule(cls: type) -> bool:
+    """Whether ``cls`` or a base class of its own (not a holder) has a propagation or channel-space rule.
+
+    Rules are looked up along the MRO, so a subclass of a class with a rule
+    is known too. The holders (``nn.Module``, ``Sequential``...) are skipped:
+    a rule registered for one of them must not make every block a leaf.
+    Rules in effect through :func:`fxindex.rules.using` count.
+
+    Args:
+        cls: a module class.
+
+    Returns:
+        True when a class of ``cls.__mro__`` other than the holders has a rule.
+    """
+    return any(
+        has_rule_for_class(base)
+        for base in getattr(cls, "__mro__", ())
+        if base not in _HOLDER_CLASSES and base is not object
+    )
+
+
 def _nearest(cls: type, types: tuple[type, ...]) -> int | None:
     """Position in ``cls``'s MRO of the nearest class of ``types`` it derives from, or ``None``."""
     mro = cls.__mro__
@@ -99,6 +121,10 @@ class LeafTracer(fx.Tracer):
     ``torch.fx``, every subclass of a torch.nn layer class wherever it is
     defined (see :func:`torch_layer_base`): a timm ``BatchNormAct2d`` is one
     layer, with its own forward, not a ``F.batch_norm`` and an activation.
+    So is every class with a rule of fxindex's, registered
+    (``register_rule``, ``register_space_rule``) or in effect through
+    ``fxindex.rules.using`` (see :func:`has_rule`): the rule says how to
+    resize the layer as a whole.
 
     Which wins, for one module (first match decides):
 
@@ -152,7 +178,11 @@ class LeafTracer(fx.Tracer):
             return True
         if trace_at is not None:
             return False
-        return torch_layer_base(type(m)) is not None or super().is_leaf_module(m, module_qualified_name)
+        return (
+            torch_layer_base(type(m)) is not None
+            or has_rule(type(m))
+            or super().is_leaf_module(m, module_qualified_name)
+        )
 
     def call_module(
         self,
@@ -269,7 +299,8 @@ def trace(
     torch.nn's layers and every subclass of one, wherever it is defined
     (timm's ``BatchNormAct2d``, ``ScaledStdConv2d``, ``LayerNorm2d``,
     ``Linear``; torchvision's ``Conv3DSimple``; a user's ``nn.Linear``
-    subclass), are kept as single layers; subclasses of the holders
+    subclass), and every class with a registered rule (``register_rule``,
+    ``register_space_rule``), are kept as single layers; subclasses of the holders
     (``nn.Module``, ``Sequential``, ``ModuleList``, ``ModuleDict``...) are
     traced through. ``leaf_modules`` adds leaves, ``trace_into`` removes them;
     see :class:`LeafTracer` for which wins when both match.

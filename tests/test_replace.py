@@ -1032,14 +1032,25 @@ def test_inplace_modifies_and_returns_the_given_graph_module(edit: str) -> None:
     assert_rebuilt_ok(gm, inputs, shape=(2, 5))
 
 
-def test_inplace_with_a_plain_module_leaves_the_module_alone() -> None:
+def test_inplace_with_a_plain_module_writes_the_edit_back_into_it() -> None:
+    # Issue 11: inplace=True on a plain module edits that module tree (class and methods kept),
+    # verified against the edited graph; without example inputs or shapes it cannot be verified.
     torch.manual_seed(0)
     model = MLP().eval()
+    x = (torch.randn(4, 6),)
     snap = snapshot(model)
-    gm = fxindex.replace(model, 0, nn.Linear(6, 20), inplace=True)
-    assert isinstance(gm, fx.GraphModule) and gm.get_submodule("0").out_features == 20
-    assert model[0].out_features == 16 and model[2].in_features == 16
+    with pytest.raises(fxindex.EditError, match="example inputs"):
+        fxindex.replace(model, 0, nn.Linear(6, 20), inplace=True)
     assert_unchanged(model, snap)
+    widened = nn.Linear(6, 20)
+    with torch.no_grad():
+        widened.weight[:16] = model[0].weight
+        widened.bias[:16] = model[0].bias
+    expected = _eval(model, *x)
+    result = fxindex.replace(model, 0, widened, example_inputs=x, inplace=True)
+    assert result is model and type(model) is MLP
+    assert model[0] is widened and model[2].in_features == 20
+    torch.testing.assert_close(_eval(model, *x), expected)
 
 
 RNG_CALLS = [

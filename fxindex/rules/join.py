@@ -112,6 +112,8 @@ def propagate_cat(step: Step) -> Outcome:
     """Concatenation: along the changed dimension, slots move by the branches' offsets."""
     tensors = list(argument(step.node, 0, "tensors"))
     dim = argument(step.node, 1, "dim", 0)
+    if not isinstance(dim, int):
+        raise step.fail("it concatenates along a dim computed in the graph, which fxindex cannot place")
     changed = [node for node in tensors if isinstance(node, fx.Node) and node in step.changes]
     first = step.changes[changed[0]]
     rank = first.rank if first.rank is not None else step.rank(changed[0])

@@ -19,17 +19,28 @@ family::
 A separate, smaller registry, :func:`register_widths`, says which dimension a
 layer reads and writes and how wide: it lets replace work on Linear and Conv
 chains from module attributes alone when no shapes were recorded.
+
+A module class with a rule here or a channel-space rule
+(:func:`fxindex.spaces.register_space_rule`) is traced as one layer (a leaf)
+by default, so registering a rule is all a user's layer needs.
+:func:`using` puts rules in effect for one block of code only (a per-call
+override, like ``FlopCounterMode(custom_mapping=...)``): they are consulted
+before the registered ones, in the current thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import inspect
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from fxindex import spaces as _spaces
 from fxindex.errors import PropagationError, RegistrationError, ShapesRequiredError
 from fxindex.shapes import TensorMetadata, tensor_meta
 
@@ -43,6 +54,11 @@ __all__ = [
     "find_rule",
     "find_widths",
     "describe_target",
+    "argument",
+    "remap",
+    "describe_slots",
+    "using",
+    "has_rule_for_class",
 ]
 
 Mapping = tuple[int | None, ...]
@@ -205,6 +221,17 @@ RuleKey = type | Callable[..., Any] | str
 _RULES: dict[Any, Rule] = {}
 _WIDTHS: dict[type, Callable[[nn.Module], Widths]] = {}
 
+# Rules put in effect by `using`, innermost block last; per thread, so one thread's override
+# never changes what another thread's edit does.
+_OVERRIDES = threading.local()
+
+
+def _override_frames() -> list[dict[Any, Rule]]:
+    frames = getattr(_OVERRIDES, "frames", None)
+    if frames is None:
+        frames = _OVERRIDES.frames = []
+    return frames
+
 
 def _key_name(key: Any) -> str:
     if isinstance(key, str):
@@ -267,18 +294,174 @@ def register_widths(*module_types: type[nn.Module]) -> Callable[[Callable[[Any],
 
 
 def find_rule(node: fx.Node, module: nn.Module | None) -> Rule | None:
-    """The rule for ``node``: by the module's MRO, the function, or the method name."""
-    if node.op == "call_module":
-        for cls in type(module).__mro__:
-            if cls in _RULES:
-                return _RULES[cls]
-        return None
-    if node.op in ("call_function", "call_method"):
-        try:
-            return _RULES.get(node.target)
-        except TypeError:  # an unhashable target
-            return None
+    """The rule for ``node``: by the module's MRO, the function, or the method name.
+
+    Rules in effect through :func:`using` come first (the innermost block's
+    first), then the registered ones.
+
+    Args:
+        node: the node to adapt.
+        module: its module for a ``call_module`` node, else ``None``.
+
+    Returns:
+        The rule, or ``None`` when there is none.
+    """
+    for table in (*reversed(_override_frames()), _RULES):
+        if node.op == "call_module":
+            for cls in type(module).__mro__:
+                if cls in table:
+                    return table[cls]
+        elif node.op in ("call_function", "call_method"):
+            try:
+                if node.target in table:
+                    return table[node.target]
+            except TypeError:  # an unhashable target
+                return None
     return None
+
+
+def has_rule_for_class(cls: type) -> bool:
+    """Whether ``cls`` itself (not a base) has a propagation or channel-space rule, registered or in effect.
+
+    The tracer asks this along a module's MRO: a class with a rule is a
+    layer fxindex knows how to resize, so it is kept as one layer.
+
+    Args:
+        cls: a module class.
+
+    Returns:
+        True when either registry, or a :func:`using` block, has a rule for ``cls``.
+    """
+    try:
+        return (
+            cls in _RULES
+            or any(cls in frame for frame in _override_frames())
+            or _spaces.has_space_rule_for_class(cls)
+        )
+    except TypeError:  # an unhashable class (a metaclass defining __eq__ only)
+        return False
+
+
+def _registered_kind(rule: Any) -> str | None:
+    """``"propagation"``/``"space"`` when ``rule`` is registered in exactly one registry, else ``None``."""
+    in_rules = any(value is rule for value in _RULES.values())
+    in_spaces = _spaces.is_registered_space_rule(rule)
+    if in_rules != in_spaces:
+        return "propagation" if in_rules else "space"
+    return None
+
+
+def _rule_kind(rule: Any) -> str | None:
+    """Which registry ``rule`` is written for: from its first parameter's annotation, else where it is registered."""
+    try:
+        parameters = list(inspect.signature(rule).parameters.values())
+    except (TypeError, ValueError):  # a builtin or a C callable without a signature
+        parameters = []
+    if parameters:
+        annotation = parameters[0].annotation
+        # `from __future__ import annotations` leaves a string ("Step", "fxindex.rules.Step").
+        name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+        name = name.rsplit(".", 1)[-1]
+        if name == "Step":
+            return "propagation"
+        if name == "SpaceContext":
+            return "space"
+    return _registered_kind(rule)
+
+
+def _check_key(key: Any, what: str) -> None:
+    if not (isinstance(key, str) or callable(key)):
+        raise TypeError(f"a {what} key is a module type, a function or a method name, got {key!r}")
+
+
+def _split_rules(rules: Mapping[Any, Any]) -> tuple[dict[Any, Rule], dict[Any, Any]]:
+    """Sort ``rules`` into propagation and channel-space rules (a value may be a tuple of one of each)."""
+    propagation: dict[Any, Rule] = {}
+    space: dict[Any, Any] = {}
+    for key, value in rules.items():
+        _check_key(key, "rule")
+        for rule in value if isinstance(value, (tuple, list)) else (value,):
+            if not callable(rule):
+                raise TypeError(f"the rule given for {_key_name(key)} is not callable: {rule!r}")
+            kind = _rule_kind(rule)
+            if kind is None:
+                raise RegistrationError(
+                    f"cannot tell which kind of rule {getattr(rule, '__name__', repr(rule))} (for {_key_name(key)}) is: "
+                    "annotate its argument as `step: fxindex.rules.Step` (a propagation rule, used by replace) or "
+                    "`context: fxindex.rules.SpaceContext` (a channel-space rule, used by group and resize), "
+                    "or pass it as using(propagation={...}) / using(space={...})"
+                )
+            table = propagation if kind == "propagation" else space
+            if key in table:
+                raise RegistrationError(f"two {kind} rules are given for {_key_name(key)}: give one")
+            table[key] = rule
+    return propagation, space
+
+
+@contextlib.contextmanager
+def using(
+    rules: Mapping[RuleKey, Any] | None = None,
+    *,
+    propagation: Mapping[RuleKey, Rule] | None = None,
+    space: Mapping[RuleKey, Any] | None = None,
+) -> Iterator[None]:
+    """Put rules in effect for the ``with`` block only, before the registered ones (in this thread).
+
+    The per-call override of ``replace``/``group``/``resize``: a rule here
+    is found first, for its key and along a module's MRO, and a module class
+    named here is traced as one layer, like a registered one. Blocks nest
+    (the inner one wins); leaving the block restores the registries as they
+    were, even on an error. Other threads do not see the rules.
+
+    Args:
+        rules: ``{key: rule}`` of either kind, told apart by the annotation
+            of the rule's argument (``step: Step`` for a propagation rule,
+            ``context: SpaceContext`` for a channel-space rule) or by the
+            registry it is already registered in; a value may be a tuple of
+            one rule of each kind.
+        propagation: ``{key: rule}`` of propagation rules, whatever their annotations.
+        space: ``{key: rule}`` of channel-space rules, whatever their annotations.
+
+    Raises:
+        TypeError: a key is not a module type, a function or a method name,
+            or a rule is not callable.
+        RegistrationError: the kind of a rule in ``rules`` cannot be told, or
+            one key is given two rules of the same kind.
+
+    Example:
+        >>> import torch, fxindex
+        >>> from fxindex.rules import Outcome, Step, using
+        >>> class Scale(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x * 2
+        >>> def pass_on(step: Step) -> Outcome:
+        ...     return Outcome(output=step.input_change())
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), Scale(), torch.nn.Linear(8, 2))
+        >>> with using({Scale: pass_on}):
+        ...     wider = fxindex.replace(net, 0, torch.nn.Linear(4, 16))
+        >>> wider.get_submodule("2").in_features
+        16
+    """
+    inferred_propagation, inferred_space = _split_rules(rules or {})
+    for what, table in (("propagation rule", propagation or {}), ("space rule", space or {})):
+        for key, rule in table.items():
+            _check_key(key, what)
+            if not callable(rule):
+                raise TypeError(f"the {what} given for {_key_name(key)} is not callable: {rule!r}")
+    frame = {**inferred_propagation, **(propagation or {})}
+    space_frame = {**inferred_space, **(space or {})}
+    if not frame and not space_frame:
+        # `using(None)` is what a public function enters when no rules were passed: it changes nothing,
+        # so it pushes nothing (and a cached channel-space analysis stays valid across it).
+        yield
+        return
+    frames = _override_frames()
+    with _spaces.space_rule_overrides(space_frame):
+        frames.append(frame)
+        try:
+            yield
+        finally:
+            frames.pop()
 
 
 def find_widths(module: nn.Module) -> Widths | None:

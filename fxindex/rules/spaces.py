@@ -628,6 +628,9 @@ def relate_cat(context: SpaceContext) -> None:
     if shape is None or any(dims is None or len(dims) != len(shape) for dims in parts):
         context.block_inputs("concatenation of values that are not tensors of one rank")
         return
+    if not isinstance(dim, int):
+        context.block_inputs("concatenation along a dim computed in the graph")
+        return
     dim %= len(shape)
     whole = context.fresh(shape[dim])
     result = list(parts[0])
@@ -654,6 +657,9 @@ def relate_stack(context: SpaceContext) -> None:
     parts = [context.dims(node) for node in tensors]
     if shape is None or any(dims is None or len(dims) + 1 != len(shape) for dims in parts):
         context.block_inputs("stack of values that are not tensors of one rank")
+        return
+    if not isinstance(dim, int):
+        context.block_inputs("stack along a dim computed in the graph")
         return
     for dims in parts[1:]:
         for first, space in zip(parts[0], dims):
