@@ -23,10 +23,13 @@ mutates it in place):
   + ``get_pruning_group(conv, tp.prune_conv_out_channels, idxs=pruned)`` +
   ``group.prune()`` (the build alone is also reported);
 * fxindex: ``fxindex.plan`` (the dry run), ``fxindex.replace(model, k,
-  narrower, keep=kept, example_inputs=(x,))`` with ``inplace=True`` (edits a
-  fresh trace; comparable to Torch-Pruning's in-place edit) and copying (the
-  default), and ``inplace=True`` without ``example_inputs`` (no shape
-  recording: this edit needs none).
+  narrower, keep=kept, example_inputs=(x,))`` with ``inplace=True`` (trace,
+  shapes, plan, then the edit written back into the model itself and verified
+  by running it: like Torch-Pruning's in-place edit) and copying (the
+  default), ``inplace=True`` on a trace without ``example_inputs`` (no shape
+  recording: this edit needs none), and ``fxindex.resize(model, conv,
+  keep=kept, example_inputs=(x,), inplace=True)`` (the whole channel group,
+  written back).
 
 Checked: both pruned models give the same output shape, the same parameter
 shapes (state-dict keys match), and the same outputs (max |Δ| between them,
@@ -163,7 +166,10 @@ def measure(case: Case, rounds: int) -> dict[str, Any]:
             fresh, k, layer, example_inputs=inputs, keep=keep
         ),
         "fxindex.replace inplace, no example_inputs": lambda fresh, layer: fxindex.replace(
-            fresh, k, layer, keep=keep, inplace=True
+            fxindex.trace(fresh), k, layer, keep=keep, inplace=True
+        ),
+        "fxindex.resize inplace": lambda fresh, layer: fxindex.resize(
+            fresh, case.conv, keep=keep, example_inputs=inputs, inplace=True
         ),
     }
     # Every call (the warm-up too) gets a fresh deep copy, made untimed: Torch-Pruning edits in place.
@@ -230,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{m['fxindex.replace copying'] * 1e3:.0f} ({m['fxindex.replace copying'] / base:.2f}x)",
                 f"{m['fxindex.replace inplace, no example_inputs'] * 1e3:.0f} "
                 f"({m['fxindex.replace inplace, no example_inputs'] / base:.2f}x)",
+                f"{m['fxindex.resize inplace'] * 1e3:.0f} ({m['fxindex.resize inplace'] / base:.2f}x)",
             ]
         )
         c = r["checks"]
@@ -257,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                 "replace inplace",
                 "replace copying",
                 "replace inplace, no shapes",
+                "resize inplace",
             ],
         )
     )

@@ -262,10 +262,19 @@ def _install(graph_module: fx.GraphModule, plan: Plan, tensors: dict[str, torch.
                 setattr(owner, atom, tensor.detach().clone())
 
 
-def _copy(graph_module: fx.GraphModule) -> fx.GraphModule:
-    """A deep copy that keeps fxindex's recipe (an unpickled module keeps it as attributes only)."""
+def _copy(graph_module: fx.GraphModule, share_tensors: bool = False) -> fx.GraphModule:
+    """A deep copy that keeps fxindex's recipe (an unpickled module keeps it as attributes only).
+
+    With ``share_tensors`` the copy's modules are new objects holding the same
+    parameter and buffer tensors: enough to install a plan and check that the
+    result runs (shape checks touch no tensor), at no memory cost. In-place
+    resizes check on such a copy before touching the caller's model.
+    """
     restore_meta(graph_module)
-    return copy.deepcopy(graph_module)
+    memo: dict[int, Any] = {}
+    if share_tensors:
+        memo = {id(t): t for t in (*graph_module.parameters(), *graph_module.buffers())}
+    return copy.deepcopy(graph_module, memo)
 
 
 def _check_inputs(graph_module: fx.GraphModule, example_inputs: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
@@ -414,7 +423,7 @@ def resize(
             # Install into the caller's GraphModule (or the trace of a plain module), never into a shape view.
             target = model if isinstance(model, fx.GraphModule) else source
             inputs = _check_inputs(source, example_inputs)
-            result = _copy(target)
+            result = _copy(target, share_tensors=inplace)
             _install(result, plan, tensors)
             if inputs is not None:
                 try:
