@@ -5,15 +5,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import json
 import math
+import statistics
 import sys
+import time
 
 import pytest
 import torch
 from torch import nn
 
 import fxindex
-from fxindex.bench import BenchReport, BenchRow, bench
+from fxindex.bench import BenchReport, BenchRow, bench, median_interval, paired_speed_ratio
+from fxindex.bench._timing import interleave
 
 FAST = {"min_run_time": 0.01, "progress": False, "num_threads": 1}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -58,7 +62,11 @@ def test_report_holds_every_field(linear: nn.Linear, x: torch.Tensor) -> None:
     for row in report.rows:
         assert isinstance(row, BenchRow)
         missing = [f.name for f in dataclasses.fields(row) if getattr(row, f.name) is None]
-        assert missing == ["note", "error"], f"{row.name}: unset {missing}"
+        # `noise` is set only when the timing could not be trusted, which depends on the machine's load.
+        assert [name for name in missing if name != "noise"] == ["note", "error"], f"{row.name}: unset {missing}"
+        assert row.noisy == (row.noise is not None)
+        assert len(row.round_times) == report.rounds >= 10
+        assert row.speed_ratio_low <= row.speed_ratio <= row.speed_ratio_high
         assert row.latency_q1 <= row.latency_median <= row.latency_q3
         assert row.latency_iqr == pytest.approx(row.latency_q3 - row.latency_q1)
         assert row.samples >= report.rounds
@@ -68,7 +76,9 @@ def test_report_holds_every_field(linear: nn.Linear, x: torch.Tensor) -> None:
         assert row.flops == 2 * 4 * 10 * 20
     assert report["original"].speed_ratio == 1.0
     rebuilt = report["rebuilt"]
-    assert rebuilt.speed_ratio == pytest.approx(report["original"].latency_median / rebuilt.latency_median)
+    paired = paired_speed_ratio(report["original"].round_times, rebuilt.round_times)
+    interval = (rebuilt.speed_ratio, rebuilt.speed_ratio_low, rebuilt.speed_ratio_high)
+    assert interval == (paired.ratio, paired.low, paired.high)
     with pytest.raises(KeyError, match="rows: 'original', 'rebuilt'"):
         report["nope"]
 
@@ -88,16 +98,216 @@ def test_cpu_peak_memory_counts_tensors_made_by_the_forward(x: torch.Tensor) -> 
     assert report["mlp"].peak_memory_bytes == 2 * 4 * 20 * 4
 
 
-def test_speed_ratio_is_the_baseline_median_over_the_rows(x: torch.Tensor) -> None:
+def test_speed_ratio_is_the_median_of_paired_round_ratios(x: torch.Tensor) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(10, 10) for _ in range(8)])
     report = bench({"first": model, "second": model}, (x,), **{**FAST, "min_run_time": 0.05})
-    # The ratio is the baseline's median over the row's (not a timing assertion: how close to 1
-    # it comes depends on the machine's load, which tests must not; benchmarks/ measures that).
-    assert report["first"].speed_ratio == pytest.approx(1.0)
+    # Not a timing assertion (how close to 1 it comes depends on the machine's load, which tests
+    # must not; benchmarks/ measures that): the ratio is computed from the rounds' pairs.
+    assert report["first"].speed_ratio == 1.0
     second = report["second"]
-    assert second.speed_ratio == pytest.approx(report["first"].latency_median / second.latency_median)
-    assert second.speed_ratio > 0
+    ratios = [a / b for a, b in zip(report["first"].round_times, second.round_times)]
+    assert second.speed_ratio == pytest.approx(statistics.median(ratios))
+    assert second.speed_ratio_low <= second.speed_ratio <= second.speed_ratio_high
+    # Either the interval is within the tolerance, or the row says it is not to be trusted.
+    half_width = (second.speed_ratio_high - second.speed_ratio_low) / (2 * second.speed_ratio)
+    assert half_width <= report.ratio_tolerance or "interval" in (second.noise or "")
+
+
+# --------------------------------------------------------------------------- statistics (given timings)
+
+
+def test_median_interval_uses_order_statistics() -> None:
+    values = [float(v) for v in range(10, 0, -1)]  # unsorted on purpose
+    # n = 10: [x(2), x(9)] covers the median with 97.9% >= 95%; [x(3), x(8)] only 89%.
+    assert median_interval(values) == (2.0, 9.0)
+    assert median_interval(values, confidence=0.8) == (3.0, 8.0)
+    assert median_interval([1.0] * 6) == (1.0, 1.0)  # 6 values: the full range covers 96.9%
+    assert median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None  # 5 values: 93.8% at most
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        median_interval(values, confidence=1.0)
+
+
+def test_paired_ratio_cancels_load_that_hits_both_models() -> None:
+    # The machine's load changes from round to round (up to 4x) and hits both models alike;
+    # one burst (round 3) hit only the baseline. The row is 2x faster in every other round.
+    load = [1.0, 1.3, 4.0, 1.0, 2.5, 1.1, 1.0, 3.0, 1.2, 1.0]
+    baseline = [2.0 * f for f in load]
+    row = list(load)
+    baseline[3] *= 5  # the burst
+    row[7] *= 1.1  # and a little jitter on the row
+    estimate = paired_speed_ratio(baseline, row)
+    ratios = sorted(b / r for b, r in zip(baseline, row))
+    assert estimate.ratio == 2.0 == statistics.median(ratios)
+    assert (estimate.low, estimate.high) == (ratios[1], ratios[8]) == (2.0, 2.0)  # the burst is x(10)
+    assert estimate.rounds == 10 and estimate.narrow(0.05)
+    # The same load without pairing: the medians of the raw times tell another story.
+    assert statistics.median(baseline) / statistics.median(row) != pytest.approx(2.0)
+    noisy = paired_speed_ratio(baseline, [r * (1.5 if i % 2 else 0.7) for i, r in enumerate(row)])
+    assert noisy.low < noisy.high and not noisy.narrow(0.05)
+
+
+def test_paired_ratio_of_steady_rounds_is_exact_and_narrow() -> None:
+    estimate = paired_speed_ratio([3.0] * 8, [1.5] * 8)
+    assert (estimate.ratio, estimate.low, estimate.high) == (2.0, 2.0, 2.0)
+    assert estimate.narrow(0.01) and estimate.relative_half_width == 0.0
+    too_few = paired_speed_ratio([3.0] * 3, [1.5] * 3)
+    assert too_few.low is None and too_few.relative_half_width == math.inf and not too_few.narrow(10.0)
+
+
+@pytest.mark.parametrize(
+    ("baseline", "row", "match"),
+    [([1.0, 2.0], [1.0], "2 baseline times vs 1 row times"), ([], [], "no rounds"), ([1.0], [0.0], "positive")],
+)
+def test_paired_ratio_rejects_bad_samples(baseline: list[float], row: list[float], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        paired_speed_ratio(baseline, row)
+
+
+class _Clock:
+    """A clock that advances only when a fake timer "runs"."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_interleave_stops_once_every_interval_is_narrow() -> None:
+    clock = _Clock()
+    order: list[int] = []
+
+    def timer(index: int, seconds_per_call: float) -> object:
+        def run(seconds: float) -> list[float]:
+            clock.now += seconds
+            order.append(index)
+            return [seconds_per_call, seconds_per_call]
+
+        return run
+
+    results, rounds = interleave(
+        [timer(0, 2e-3), timer(1, 1e-3)], 0, min_rounds=6, round_time=0.01, max_time=100.0, tolerance=0.05, clock=clock
+    )
+    assert rounds == 6  # steady pairs: the interval is [2, 2] as soon as it exists
+    assert results[1].per_round == [1e-3] * 6 and len(results[1].times) == 12
+    assert order[:4] == [0, 1, 1, 0]  # the order rotates every round
+
+
+def test_interleave_runs_until_the_time_limit_while_noisy() -> None:
+    clock = _Clock()
+    calls = {"row": 0}
+
+    def steady(seconds: float) -> list[float]:
+        clock.now += seconds
+        return [1e-3]
+
+    def erratic(seconds: float) -> list[float]:
+        clock.now += seconds
+        calls["row"] += 1
+        return [0.5e-3 if calls["row"] % 2 else 2e-3]  # 2x faster or 2x slower, round by round
+
+    results, rounds = interleave(
+        [steady, erratic], 0, min_rounds=6, round_time=0.01, max_time=0.5, tolerance=0.05, clock=clock
+    )
+    assert rounds == 25  # 0.02 s of fake time per round: the limit of 0.5 s ends it
+    assert not paired_speed_ratio(results[0].per_round, results[1].per_round).narrow(0.05)
+
+
+def test_interleave_keeps_going_when_a_row_fails() -> None:
+    def failing(seconds: float) -> list[float]:
+        raise RuntimeError("recompile failed")
+
+    results, rounds = interleave(
+        [lambda s: [1e-3], failing, lambda s: [1e-3]], 0, min_rounds=6, round_time=0.01, max_time=1.0, tolerance=0.05
+    )
+    assert isinstance(results[1].error, RuntimeError) and results[1].per_round == []
+    assert rounds == 6 and results[2].per_round == [1e-3] * 6
+
+
+class _FakeTorchTimer:
+    """Stands in for torch.utils.benchmark.Timer: per-call times from SCHEDULE[description](round)."""
+
+    SCHEDULE: dict[str, object] = {}
+
+    def __init__(self, *, description: str, **kwargs: object) -> None:
+        self.name = description
+        self.round = 0
+
+    def blocked_autorange(self, min_run_time: float) -> object:
+        times = self.SCHEDULE[self.name](self.round)  # type: ignore[operator]
+        self.round += 1
+        return type("Measurement", (), {"times": times})()
+
+
+def test_bench_marks_noisy_rows_from_injected_timings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pytest.TempPathFactory, linear: nn.Linear, x: torch.Tensor
+) -> None:
+    import torch.utils.benchmark
+
+    def erratic(round_number: int) -> list[float]:
+        time.sleep(0.002)  # real time passes, so the time limit ends the run
+        return [0.25e-3 if round_number % 2 else 4e-3]
+
+    _FakeTorchTimer.SCHEDULE = {
+        "original": lambda r: [1e-3] * 4,
+        "steady": lambda r: [0.5e-3] * 4,  # exactly 2x faster in every round
+        "erratic": erratic,  # a "4x faster" in half the rounds that is not
+        "spread": lambda r: [1e-3, 1e-3, 5e-3, 5e-3],  # calls differ wildly within every round
+    }
+    monkeypatch.setattr(torch.utils.benchmark, "Timer", _FakeTorchTimer)
+    models = {name: copy.deepcopy(linear) for name in _FakeTorchTimer.SCHEDULE}
+    report = bench(models, (x,), min_run_time=0.01, max_run_time=0.02, progress=False, num_threads=1)
+    steady, erratic_row, spread = report["steady"], report["erratic"], report["spread"]
+    assert (steady.speed_ratio, steady.speed_ratio_low, steady.speed_ratio_high) == (2.0, 2.0, 2.0)
+    assert not steady.noisy and not report["original"].noisy
+    assert erratic_row.noisy and "interval" in erratic_row.noise and "time limit" in erratic_row.noise
+    assert erratic_row.speed_ratio_low == pytest.approx(0.25) and erratic_row.speed_ratio_high == pytest.approx(4.0)
+    assert spread.noisy and "IQR" in spread.noise and spread.latency_iqr == pytest.approx(4e-3)
+    assert report.noisy == ["erratic", "spread"]
+    assert report.rounds >= 10
+    text = report.table()
+    assert "2.000 [2.000, 2.000]" in text and "noisy" in text.split("erratic")[1].splitlines()[0]
+    assert "noisy: latency IQR" in text
+    path = tmp_path / "noisy.json"  # type: ignore[operator]
+    report.to_json(path)
+    assert [row["noisy"] for row in json.loads(path.read_text())["rows"]] == [False, False, True, True]
+    assert BenchReport.from_json(path) == report
+
+
+def test_steady_injected_timings_stop_at_the_minimum_rounds(
+    monkeypatch: pytest.MonkeyPatch, linear: nn.Linear, x: torch.Tensor
+) -> None:
+    import torch.utils.benchmark
+
+    _FakeTorchTimer.SCHEDULE = {"a": lambda r: [2e-3], "b": lambda r: [1e-3]}
+    monkeypatch.setattr(torch.utils.benchmark, "Timer", _FakeTorchTimer)
+    report = bench({"a": linear, "b": linear}, (x,), min_run_time=0.01, rounds=7, progress=False, num_threads=1)
+    assert report.rounds == 7 and report["b"].round_times == [1e-3] * 7
+    assert report["b"].speed_ratio == 2.0 and report.noisy == []
+
+
+def test_too_few_rounds_leave_the_ratio_without_an_interval(
+    monkeypatch: pytest.MonkeyPatch, linear: nn.Linear, x: torch.Tensor
+) -> None:
+    import torch.utils.benchmark
+
+    def slow(seconds_per_call: float) -> object:
+        def times(round_number: int) -> list[float]:
+            time.sleep(0.005)  # three rounds of both rows outlast the 0.02 s limit
+            return [seconds_per_call]
+
+        return times
+
+    _FakeTorchTimer.SCHEDULE = {"a": slow(2e-3), "b": slow(1e-3)}
+    monkeypatch.setattr(torch.utils.benchmark, "Timer", _FakeTorchTimer)
+    report = bench(
+        {"a": linear, "b": linear}, (x,), min_run_time=0.01, max_run_time=0.01, rounds=3, progress=False
+    )
+    assert report.rounds == 3
+    b = report["b"]
+    assert b.speed_ratio == 2.0 and b.speed_ratio_low is None and b.speed_ratio_high is None
+    assert b.noisy and "too few" in b.noise
 
 
 def test_output_difference_against_a_deepcopy_is_zero(linear: nn.Linear, x: torch.Tensor) -> None:
@@ -253,12 +463,56 @@ def test_table(linear: nn.Linear, x: torch.Tensor) -> None:
     assert "| again " in text and "1.6k" in text  # 1600 FLOPs
 
 
-def test_plot_writes_a_png(tmp_path: pytest.TempPathFactory, linear: nn.Linear, x: torch.Tensor) -> None:
+def _panels_and_size(path: object) -> tuple[int, tuple[int, int]]:
+    """(number of axes frames, (height, width)) of a PNG, read back from its pixels.
+
+    Every panel's frame has a top and a bottom spine: a long black horizontal run of pixels
+    (bars are coloured and error bars vertical, so nothing else is that long and that dark).
+    """
+    import numpy as np
+    from matplotlib import image
+
+    pixels = image.imread(path)[..., :3]
+    dark = pixels.max(axis=2) < 0.2
+    height, width = dark.shape
+    spines: list[tuple[int, int]] = []
+    for y in range(height):
+        line = np.concatenate(([False], dark[y], [False]))
+        edges = np.flatnonzero(line[1:] != line[:-1])
+        for start, end in zip(edges[::2], edges[1::2]):
+            if end - start > width * 0.2:
+                # A spine two pixels thick is one spine: merge it with the run just above.
+                if spines and spines[-1][0] >= y - 2 and abs(spines[-1][1] - start) <= 2:
+                    spines[-1] = (y, int(start))
+                else:
+                    spines.append((y, int(start)))
+    return len(spines) // 2, (height, width)
+
+
+def test_plot_writes_a_png_with_a_panel_per_measure(
+    tmp_path: pytest.TempPathFactory, linear: nn.Linear, x: torch.Tensor
+) -> None:
     pytest.importorskip("matplotlib")
     report = bench({"a": linear, "b": copy.deepcopy(linear)}, (x,), **FAST)
     path = tmp_path / "latency.png"  # type: ignore[operator]
     assert report.plot(path) == str(path)
     assert path.read_bytes()[:8] == PNG_MAGIC
+    # Latency, parameters, FLOPs, peak memory: a 2x2 grid of 8 x 7.6 inches at 100 dpi.
+    assert _panels_and_size(path) == (4, (760, 800))
+
+
+def test_plot_leaves_out_measures_no_row_has(tmp_path: pytest.TempPathFactory) -> None:
+    pytest.importorskip("matplotlib")
+    rows = [
+        BenchRow(name="a", latency_median=2e-3, latency_q1=1e-3, latency_q3=3e-3, speed_ratio=1.0, num_parameters=10),
+        BenchRow(name="b", latency_median=1e-3, speed_ratio=2.0, noise="wide", num_parameters=12, peak_memory_bytes=64),
+        BenchRow(name="broken", error="torch.compile failed"),
+    ]
+    path = tmp_path / "partial.png"  # type: ignore[operator]
+    BenchReport(rows=rows, baseline="a").plot(path)
+    assert _panels_and_size(path)[0] == 3  # no FLOPs panel: no row counted them
+    with pytest.raises(ValueError, match="no row has a latency"):
+        BenchReport(rows=[rows[2]], baseline="broken").plot(tmp_path / "none.png")  # type: ignore[operator]
 
 
 def test_plot_without_matplotlib(
@@ -316,6 +570,9 @@ def test_progress_without_tqdm(monkeypatch: pytest.MonkeyPatch, linear: nn.Linea
         ({"a": nn.Linear(10, 2)}, "x", {"compile": "yes"}, TypeError, "compile must be"),
         ({"a": nn.Linear(10, 2)}, "x", {"rounds": 0}, ValueError, "rounds must be"),
         ({"a": nn.Linear(10, 2)}, "x", {"num_threads": 0}, ValueError, "num_threads must be"),
+        ({"a": nn.Linear(10, 2)}, "x", {"max_run_time": 0.001}, ValueError, "max_run_time must be .* at least"),
+        ({"a": nn.Linear(10, 2)}, "x", {"ratio_tolerance": 0}, ValueError, "ratio_tolerance must be positive"),
+        ({"a": nn.Linear(10, 2)}, "x", {"confidence": 1.5}, ValueError, "confidence must be .* between 0 and 1"),
     ],
 )
 def test_bad_inputs_raise(
