@@ -18,6 +18,7 @@ the ``--replace`` edits before the benchmark.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import difflib
 import functools
@@ -25,12 +26,13 @@ import importlib
 import importlib.metadata
 import inspect
 import keyword
+import logging
 import math
 import os
 import stat
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +54,7 @@ __all__ = [
     "load_factory",
     "build_model",
     "parse_shape",
+    "parse_factory_argument",
     "factory_refusal",
     "MAX_INPUT_ELEMENTS",
     "MAX_LAYER_ELEMENTS",
@@ -111,7 +114,7 @@ class Subcommand:
 
 
 def _add_format_argument(parser: argparse.ArgumentParser) -> None:
-    """Add ``--format``, shared by every subcommand that prints a table."""
+    """Add ``--format`` and ``--wide``, shared by every subcommand that prints a table."""
     parser.add_argument(
         "--format",
         default=DEFAULT_FORMAT,
@@ -119,6 +122,152 @@ def _add_format_argument(parser: argparse.ArgumentParser) -> None:
         metavar="FORMAT",
         help=f"table format of tabulate: {DEFAULT_FORMAT} (default), github, grid, plain, ...",
     )
+    parser.add_argument(
+        "--wide",
+        action="store_true",
+        help="every column in full (input shapes, batch dim, long headers); by default tables fit 80 columns",
+    )
+
+
+def _add_factory_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--arg NAME=VALUE``, the keyword arguments the model factory is called with."""
+    parser.add_argument(
+        "--arg",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a keyword argument for the factory, e.g. --arg model_name=resnet50 --arg pretrained=false: "
+        "a literal (number, 'string', true/false/none, tuple, list) or a bare word taken as a string; "
+        "repeat for several",
+    )
+
+
+def _table_text(report: Any, tablefmt: str, wide: bool) -> str:
+    """``report.table(tablefmt=..., wide=...)``, without ``wide`` for a table that does not take it yet.
+
+    Every table of the command line honours ``--wide`` through this one call;
+    a report class whose ``table`` has no ``wide`` parameter prints its one layout.
+    """
+    try:
+        # Only a named parameter: a **tabulate_kwargs would hand wide= on to tabulate, which refuses it.
+        takes_wide = "wide" in inspect.signature(report.table).parameters
+    except (TypeError, ValueError):  # no signature to read: call it the plain way
+        takes_wide = False
+    if takes_wide:
+        return str(report.table(tablefmt=tablefmt, wide=wide))
+    return str(report.table(tablefmt=tablefmt))
+
+
+# The lower-case spellings JSON and shells use, read as Python's True, False and None.
+_JSONISH_CONSTANTS = {"true": True, "false": False, "none": None, "null": None}
+
+
+class _JsonishNames(ast.NodeTransformer):
+    """Turn the names ``true``, ``false``, ``none`` and ``null`` into constants, anywhere in a literal."""
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        if node.id.lower() in _JSONISH_CONSTANTS:
+            return ast.copy_location(ast.Constant(_JSONISH_CONSTANTS[node.id.lower()]), node)
+        return node
+
+
+def _is_bare_word(text: str) -> bool:
+    """Whether ``text`` is a word such as ``resnet50`` or ``vit_base_patch16_224.augreg_in21k``.
+
+    Letters, digits, ``_``, ``.`` and ``-``, starting with a letter or ``_``:
+    model names, which the shell makes tiresome to quote.
+    """
+    return bool(text) and (text[0].isalpha() or text[0] == "_") and text.isascii() and all(
+        character.isalnum() or character in "_.-" for character in text
+    )
+
+
+def parse_factory_argument(text: str) -> tuple[str, Any]:
+    """Parse one ``--arg NAME=VALUE`` into the keyword and its value.
+
+    The value is read with ``ast.literal_eval`` (as ``--replace`` reads its
+    arguments): numbers, quoted strings, tuples, lists, dicts and sets of
+    them; ``true``, ``false``, ``none`` and ``null`` in any case are
+    ``True``, ``False`` and ``None``. A bare word that is no literal
+    (``resnet50``) is the string it spells. Nothing is evaluated: a call,
+    a name lookup or an operator is refused.
+
+    Args:
+        text: e.g. ``"model_name=resnet50"`` or ``"num_classes=10"``.
+
+    Returns:
+        ``(name, value)``, e.g. ``("pretrained", False)``.
+
+    Raises:
+        CommandError: no ``=``, a name that is not an identifier, or a value
+            that is not a literal.
+
+    Example:
+        >>> parse_factory_argument("pretrained=false"), parse_factory_argument("model_name=resnet50")
+        (('pretrained', False), ('model_name', 'resnet50'))
+    """
+    name, separator, value = text.partition("=")
+    name = name.strip()
+    if not separator or not name.isidentifier() or keyword.iskeyword(name) or name.startswith("__"):
+        raise CommandError(
+            f"malformed --arg '{_shorten(text)}': expected NAME=VALUE with a Python keyword name, "
+            "e.g. --arg model_name=resnet50"
+        )
+    value = value.strip()
+    try:
+        tree = _JsonishNames().visit(ast.parse(value, mode="eval"))
+        return name, ast.literal_eval(tree)
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
+        # ValueError: not a literal (or an int past Python's digit limit); TypeError: an unhashable set item.
+        pass
+    if _is_bare_word(value):
+        return name, value
+    raise CommandError(
+        f"--arg {name}: '{_shorten(value)}' is not a literal value; write a number, a quoted string, "
+        "true/false/none, or a tuple or list of them"
+    )
+
+
+def _parse_factory_arguments(texts: Sequence[str]) -> dict[str, Any]:
+    """Parse every ``--arg``; a name given twice is refused."""
+    arguments: dict[str, Any] = {}
+    for text in texts:
+        name, value = parse_factory_argument(text)
+        if name in arguments:
+            raise CommandError(f"--arg {name} is given twice; give each factory argument once")
+        arguments[name] = value
+    return arguments
+
+
+# The line torch.utils.cpp_extension logs when it is imported on a machine with a CUDA toolkit
+# folder but no usable CUDA runtime; torch.utils.benchmark imports it, so every CPU bench printed it.
+_CUDA_HOME_WARNING = "No CUDA runtime is found"
+
+
+class _DropCudaHomeWarning(logging.Filter):
+    """Drop the one "No CUDA runtime is found" record; every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_CUDA_HOME_WARNING)
+
+
+def _import_benchmark_quietly() -> None:
+    """Import ``torch.utils.benchmark`` (and with it ``cpp_extension``) without its CUDA_HOME warning.
+
+    The warning is logged once, at the import of ``torch.utils.cpp_extension``,
+    which looks for CUDA_HOME and finds no runtime on a CPU machine; it says
+    nothing about the benchmark. Only that record is filtered, and only
+    during the import: later messages of the logger are left alone.
+    """
+    if "torch.utils.cpp_extension" in sys.modules:  # imported already: the line, if any, is gone
+        return
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    quiet = _DropCudaHomeWarning()
+    logger.addFilter(quiet)
+    try:
+        import torch.utils.benchmark  # noqa: F401 (imported for its side effect, once)
+    finally:
+        logger.removeFilter(quiet)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -474,29 +623,33 @@ _FACTORY_RULE = (
 )
 
 
-def build_model(spec: str) -> nn.Module:
-    """Build the model named by ``"MODULE:CALLABLE"`` by calling it with no arguments.
+def build_model(spec: str, arguments: Mapping[str, Any] | None = None) -> nn.Module:
+    """Build the model named by ``"MODULE:CALLABLE"`` by calling it with ``arguments``.
 
     Args:
         spec: the factory, as for :func:`load_factory`.
+        arguments: keyword arguments for the factory (``--arg``, parsed by
+            :func:`parse_factory_argument`); none by default.
 
     Returns:
         The model.
 
     Raises:
-        CommandError: the factory cannot be loaded, raises, or returns
-            something that is not an ``nn.Module``.
+        CommandError: the factory cannot be loaded, raises (an argument it
+            does not take, say), or returns something that is not an ``nn.Module``.
     """
     factory = load_factory(spec)
+    keywords = dict(arguments or {})
+    call = f"{spec}({', '.join(f'{name}={value!r}' for name, value in keywords.items())})"
     try:
         with _no_stdin():
-            model = factory()
+            model = factory(**keywords)
     except Exception as error:  # the user's factory failed: report it, it is not our bug
         raise CommandError(
-            f"calling {spec}() failed: {type(error).__name__}: {_one_line(str(error))}"
+            f"calling {_shorten(call)} failed: {type(error).__name__}: {_one_line(str(error))}"
         ) from error
     if not isinstance(model, nn.Module):
-        raise CommandError(f"{spec}() returned a {type(model).__name__}, not a torch.nn.Module")
+        raise CommandError(f"{_shorten(call)} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
@@ -556,9 +709,10 @@ def _add_show_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
         metavar="MODULE:CALLABLE",
-        help="model factory called with no arguments, e.g. torchvision.models:resnet18; "
-        "MODULE is imported (its top-level code runs), so name only code you trust",
+        help="model factory, called with the --arg keyword arguments (none by default), e.g. "
+        "torchvision.models:resnet18; MODULE is imported (its top-level code runs), so name only code you trust",
     )
+    _add_factory_arguments(parser)
     parser.add_argument(
         "--input",
         action="append",
@@ -573,9 +727,13 @@ def _add_show_arguments(parser: argparse.ArgumentParser) -> None:
 def run_show(args: argparse.Namespace) -> int:
     """Print the layer index of a model built from ``MODULE:CALLABLE``.
 
+    On a terminal, a progress bar on stderr (through tqdm, when installed)
+    names the step under way, then counts the table's rows.
+
     Args:
-        args: parsed arguments with ``model`` (the factory), ``input`` (a list
-            of shapes) and ``format`` (the tabulate format).
+        args: parsed arguments with ``model`` (the factory), ``arg`` (its
+            keyword arguments as ``NAME=VALUE``), ``input`` (a list of
+            shapes), ``format`` (the tabulate format) and ``wide``.
 
     Returns:
         The exit status, 0.
@@ -585,14 +743,54 @@ def run_show(args: argparse.Namespace) -> int:
             do not fit the model (found on fake tensors).
         FxIndexError: the model cannot be traced.
     """
-    # Inputs first: a malformed --input should not wait for a large model to be built.
+    # Inputs and factory arguments first: a malformed one should not wait for a large model to be built.
     shapes = _parse_inputs(args.input)
-    model = build_model(args.model)
-    graph_module = fxindex.trace(model)
-    if shapes:
-        _record_input_shapes(graph_module, shapes, args.input)
-    print(fxindex.table(graph_module, tablefmt=args.format))
+    arguments = _parse_factory_arguments(args.arg)
+    show_progress = sys.stderr.isatty()
+    with _Steps(["building the model", "tracing", "recording shapes"], show_progress) as steps:
+        model = build_model(args.model, arguments)
+        steps.next()
+        graph_module = fxindex.trace(model)
+        steps.next()
+        if shapes:
+            _record_input_shapes(graph_module, shapes, args.input)
+    print(fxindex.table(graph_module, tablefmt=args.format, wide=args.wide, progress=show_progress))
     return 0
+
+
+class _Steps:
+    """A tqdm bar on stderr over the named steps of long work, when ``enabled`` and tqdm is installed.
+
+    A step (tracing a model of thousands of nodes) reports no progress of its
+    own, so the bar says which step runs and how many are done. It leaves no
+    line behind, so stdout and stderr read as without it once it is done.
+    """
+
+    def __init__(self, names: Sequence[str], enabled: bool) -> None:
+        self._names = list(names)
+        self._done = 0
+        self._bar: Any = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:  # tqdm is optional: no bar without it
+                return
+            self._bar = tqdm(total=len(self._names), desc=self._names[0], file=sys.stderr, leave=False, unit="step")
+
+    def __enter__(self) -> _Steps:
+        return self
+
+    def next(self) -> None:
+        """Mark the current step done and name the next one."""
+        self._done += 1
+        if self._bar is not None:
+            self._bar.update(1)
+            if self._done < len(self._names):
+                self._bar.set_description(self._names[self._done])
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 # --------------------------------------------------------------------------- demo
@@ -609,7 +807,7 @@ def run_demo(args: argparse.Namespace) -> int:
     (replacing a layer, say) is one more section at the end.
 
     Args:
-        args: parsed arguments with ``format`` (the tabulate format).
+        args: parsed arguments with ``format`` (the tabulate format) and ``wide``.
 
     Returns:
         The exit status, 0.
@@ -625,7 +823,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "SeedModel nests Linear layers in a ModuleList and a Sequential; fxindex numbers every "
         f"call site in execution order, so 'layer 4' is {layers[4].target}, "
         f"whatever the nesting (example input: {'x'.join(map(str, inputs[0].shape))}).",
-        fxindex.table(layers, tablefmt=args.format),
+        fxindex.table(layers, tablefmt=args.format, wide=args.wide),
     )
     # The seed problem: widen conv1 from 16 to 21 channels although forward() hard-codes 16*26*26.
     wider = _widened_copy(layers[0].module, 21)
@@ -634,7 +832,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "Plan: replace layer 0 (conv1) by Conv2d(3, 21, 3)",
         "Its first 16 filters copy the old ones. The change travels to the hard-coded view and to linear1; "
         "nothing is modified yet.",
-        steps.table(tablefmt=args.format),
+        _table_text(steps, args.format, args.wide),
     )
     rebuilt = fxindex.replace(layers.graph_module, 0, wider)
     with torch.no_grad():
@@ -644,7 +842,7 @@ def run_demo(args: argparse.Namespace) -> int:
         f"linear1 is now {rebuilt.get_submodule('linear1')}; the hard-coded view is now "
         f"view{tuple(rebuilt.graph.find_nodes(op='call_method', target='view')[0].args[1:])}. "
         f"Max output difference from the original model: {drift:.2e} (function-preserving widening).",
-        fxindex.table(rebuilt, inputs, tablefmt=args.format),
+        fxindex.table(rebuilt, inputs, tablefmt=args.format, wide=args.wide),
     )
     return 0
 
@@ -664,6 +862,7 @@ def _widened_copy(conv: torch.nn.Module, out_channels: int) -> torch.nn.Conv2d:
 
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODULE:CALLABLE", help="model factory, as for show")
+    _add_factory_arguments(parser)
     parser.add_argument(
         "--input",
         action="append",
@@ -835,8 +1034,8 @@ def run_bench(args: argparse.Namespace) -> int:
     inputs fit the model (on fake tensors) and that the edits apply.
 
     Args:
-        args: parsed arguments (model, input, replace, compile, min_run_time,
-            json, plot, format).
+        args: parsed arguments (model, arg, input, replace, compile,
+            min_run_time, json, plot, format, wide).
 
     Returns:
         The exit status, 0.
@@ -857,7 +1056,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if plot_target is not None:
         _check_plot_support(plot_target)
     replacements = _parse_replacements(args.replace)
-    model = build_model(args.model).eval()
+    model = build_model(args.model, _parse_factory_arguments(args.arg)).eval()
     models: dict[str, nn.Module] = {"original": model}
     try:
         graph_module: fx.GraphModule | None = fxindex.trace(model)
@@ -879,6 +1078,7 @@ def run_bench(args: argparse.Namespace) -> int:
             if not _is_out_of_memory(error):
                 raise
             raise CommandError(f"the --replace edits need more memory than is free: {_one_line(str(error))}") from error
+    _import_benchmark_quietly()
     try:
         report = fxindex.bench(
             models,
@@ -893,7 +1093,7 @@ def run_bench(args: argparse.Namespace) -> int:
         if "failed on example_inputs" not in str(error) and not _is_out_of_memory(error):
             raise
         raise CommandError(_one_line(str(error))) from error
-    print(report.table(tablefmt=args.format))
+    print(_table_text(report, args.format, args.wide))
     if json_target is not None:
         _write_atomically("--json", json_target, report.to_json)
     if plot_target is not None:

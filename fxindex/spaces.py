@@ -123,15 +123,23 @@ class Concat:
 class Product:
     """``whole`` is the row-major product of ``factors`` (``flatten``, ``view``).
 
+    A change of the factors changes the whole (each slot of the whole is one
+    combination of factor slots). A change of the whole alone (a Linear whose
+    output a ``view`` splits into ``(heads, head_dim)``) goes through when it
+    keeps, drops or adds whole blocks of the inner factors, or changes every
+    block alike; anything else cuts through a block and is an ``EditError``.
+
     Attributes:
         node: the node that states the relation.
         whole: space id of the merged dimension.
         factors: space ids of the merged dimensions, outermost first.
+        detail: what the split means, for error messages (grouped-query attention).
     """
 
     node: fx.Node
     whole: int
     factors: tuple[int, ...]
+    detail: str = ""
 
 
 Relation = Union[Concat, Product]
@@ -414,8 +422,14 @@ class SpaceContext:
             return
         self.analysis.add_relation(Concat(self.node, whole, parts, equal))
 
-    def product(self, whole: int, factors: Sequence[int]) -> None:
-        """``whole`` is the row-major product of ``factors`` (widths must multiply up)."""
+    def product(self, whole: int, factors: Sequence[int], *, detail: str = "") -> None:
+        """``whole`` is the row-major product of ``factors`` (widths must multiply up).
+
+        Args:
+            whole: the merged space.
+            factors: the merged spaces, outermost first.
+            detail: what the split means, said when a resize cuts through its blocks.
+        """
         factors = tuple(factors)
         if math.prod(self.width(f) for f in factors) != self.width(whole):
             self.block([whole, *factors], "the merged widths do not multiply up to the result's")
@@ -426,7 +440,7 @@ class SpaceContext:
             if wide:
                 self.same(whole, wide[0])
             return
-        self.analysis.add_relation(Product(self.node, whole, factors))
+        self.analysis.add_relation(Product(self.node, whole, factors, detail))
 
     def member(self, role: str, slot: str, space: int, detail: str = "", rebuild: Rebuilder | None = None) -> None:
         """Record that this node plays ``role`` for ``space`` through ``slot``.
@@ -649,28 +663,43 @@ class SpaceAnalysis:
 
         A part's change changes its whole (but not the whole's other parts);
         a whole changed otherwise may change every part. A merged (product)
-        dimension follows its factors; one changed with no factor changing
-        cannot be split back, which blocks the group.
+        dimension follows its factors; a whole changed otherwise may change
+        its factors (a resize of a Linear whose output a ``view`` splits into
+        ``(heads, head_dim)`` changes the heads, or every head's width).
+
+        Which factor changes depends on the resize itself, so the classes
+        reached through such a split are *conditional*: they are listed, but a
+        block among them does not block the group (removing heads must not be
+        refused because the rotary embedding along ``head_dim`` has no rule);
+        :func:`solve` and the resize plan refuse a change that really reaches
+        a blocked class.
 
         Returns:
-            The roots in visiting order (``root`` first) and the first block found.
+            The roots in visiting order (``root`` first) and the first block
+            found among the classes that change whatever the resize.
         """
         root = self.find(root)
         order: list[int] = []
-        excluded: dict[int, frozenset[int] | None] = {}
-        queue: deque[tuple[int, int | None]] = deque([(root, None)])
+        excluded: dict[int, frozenset[int]] = {}
+        definite: set[int] = set()
+        queue: deque[tuple[int, int | None, bool]] = deque([(root, None, True)])
         while queue:
-            current, via = queue.popleft()
+            current, via, certain = queue.popleft()
             exclude = frozenset() if via is None else frozenset({via})
             if current in excluded:
                 previous = excluded[current]
-                narrowed = previous & exclude if previous is not None else exclude
-                if narrowed == previous:
+                narrowed = previous & exclude
+                # Visit again when fewer relations are excluded, or when a class reached only
+                # through a split is now reached for certain (its own reach becomes certain too).
+                if narrowed == previous and (current in definite or not certain):
                     continue
                 excluded[current] = narrowed
             else:
                 excluded[current] = exclude
                 order.append(current)
+            if certain:
+                definite.add(current)
+            certain = current in definite
             assert self._relations_by_root is not None
             for position in self._relations_by_root.get(current, []):
                 if position in exclude:
@@ -680,37 +709,21 @@ class SpaceAnalysis:
                 if isinstance(relation, Concat):
                     parts = [self.find(part) for part in relation.parts]
                     if current in parts and current != whole:
-                        queue.append((whole, position))
+                        queue.append((whole, position, certain))
                     else:
-                        queue.extend((part, position) for part in parts)
+                        queue.extend((part, position, certain) for part in parts)
                 elif current != whole:
-                    queue.append((whole, position))
+                    queue.append((whole, position, certain))
+                else:
+                    # The whole of a split: its factors change only as the resize decides.
+                    queue.extend((self.find(factor), position, False) for factor in relation.factors)
         block = None
         for current in order:
-            block = self.blocked(current)
-            if block is not None:
-                break
-        if block is None:
-            reached = set(order)
-            for current in order:
-                for relation in self.relations_of(current):
-                    if isinstance(relation, Product) and self.find(relation.whole) == current:
-                        if not any(self.find(factor) in reached for factor in relation.factors):
-                            block = _product_block(relation, self)
-                            break
+            if current in definite:
+                block = self.blocked(current)
                 if block is not None:
                     break
         return order, block
-
-
-def _product_block(relation: Product, analysis: SpaceAnalysis) -> Block:
-    widths = "x".join(str(analysis.width(factor)) for factor in relation.factors)
-    return Block(
-        relation.node.name,
-        describe_node(relation.node),
-        f"reshapes the dimension of width {analysis.width(relation.whole)} into {widths}: fxindex cannot tell "
-        "how a new width splits across the factors",
-    )
 
 
 def _no_rule(context: SpaceContext) -> None:
@@ -972,9 +985,9 @@ class _Solver:
     def derive_product(self, relation: Product) -> dict[int, SlotMapping]:
         factors = [self.known(factor) for factor in relation.factors]
         if all(mapping is None for mapping in factors):
-            if self.known(relation.whole) is not None:
-                block = _product_block(relation, self.analysis)
-                raise PropagationError(f"node '{block.node}' ({block.op}) {block.reason}", block.node)
+            whole = self.known(relation.whole)
+            if whole is not None:
+                return split_product(self.analysis, relation, whole)
             return {}
         mappings = [self.current(factor) for factor in relation.factors]
         old_widths = [self.analysis.width(factor) for factor in relation.factors]
@@ -988,12 +1001,145 @@ class _Solver:
         return {relation.whole: tuple(result)}
 
 
+def _factor_pair(mapping: SlotMapping, outer: int, inner: int) -> tuple[SlotMapping, SlotMapping] | None:
+    """Write ``mapping`` (over ``outer * inner`` old slots) as a row-major product of two mappings, if it is one.
+
+    Tried in order: the inner width unchanged (whole blocks of ``inner`` kept,
+    dropped, reordered or added: whole heads), the outer width unchanged
+    (every block changed alike: each head's width), then any other split of
+    the new width. A product is unique once the new widths are chosen, so the
+    first that rebuilds ``mapping`` exactly is the answer.
+
+    Args:
+        mapping: the whole's new mapping.
+        outer: the old width of the outer factor.
+        inner: the old width of the inner factor (the product of the rest).
+
+    Returns:
+        ``(outer mapping, inner mapping)``, or ``None`` when no split rebuilds it.
+    """
+    width = len(mapping)
+    candidates = [inner]
+    if width % outer == 0:
+        candidates.append(width // outer)
+    candidates += [b for b in range(1, width + 1) if width % b == 0 and b not in candidates]
+    for block in candidates:
+        if width % block:
+            continue
+        count = width // block
+        outer_map: list[int | None] = []
+        inner_map: list[int | None] = [None] * block
+        fits = True
+        for i in range(count):
+            owners = {slot // inner for slot in mapping[i * block : (i + 1) * block] if slot is not None}
+            if len(owners) > 1:
+                fits = False
+                break
+            outer_map.append(owners.pop() if owners else None)
+        if not fits:
+            continue
+        for j in range(block):
+            column = {mapping[i * block + j] % inner for i in range(count) if mapping[i * block + j] is not None}
+            if len(column) > 1:
+                fits = False
+                break
+            inner_map[j] = column.pop() if column else None
+        if not fits:
+            continue
+        rebuilt = tuple(
+            None if o is None or s is None else o * inner + s for o in outer_map for s in inner_map
+        )
+        if rebuilt == tuple(mapping):
+            return tuple(outer_map), tuple(inner_map)
+    return None
+
+
+def _examples(old: int, step: int) -> str:
+    values = [old + k * step for k in (-2, -1, 1, 2) if old + k * step > 0]
+    return ", ".join(map(str, values))
+
+
+def split_product(analysis: SpaceAnalysis, relation: Product, whole: SlotMapping) -> dict[int, SlotMapping]:
+    """The factors' mappings when only the whole of ``relation`` changes (a Linear output split into heads).
+
+    Args:
+        analysis: the analysis the relation belongs to.
+        relation: a :class:`Product` (``view(b, n, heads, head_dim)`` of a Linear's output).
+        whole: the whole's new mapping.
+
+    Returns:
+        Factor space -> its mapping (unchanged factors included, as identities).
+
+    Raises:
+        EditError: the new mapping cuts through a block of the inner factors
+            (a head); the message says which widths are possible.
+    """
+    widths = [analysis.width(factor) for factor in relation.factors]
+    derived: dict[int, SlotMapping] = {}
+    rest = tuple(whole)
+    for position, factor in enumerate(relation.factors[:-1]):
+        inner = math.prod(widths[position + 1 :])
+        pair = _factor_pair(rest, widths[position], inner)
+        if pair is None:
+            raise EditError(_split_message(analysis, relation, whole, position))
+        derived[factor], rest = pair
+    derived[relation.factors[-1]] = rest
+    # One space may be two factors (a square split): both must change alike.
+    merged: dict[int, SlotMapping] = {}
+    for factor, mapping in derived.items():
+        root = analysis.find(factor)
+        if root in merged and merged[root] != mapping:
+            raise EditError(_split_message(analysis, relation, whole, 0))
+        merged[root] = mapping
+    return derived
+
+
+def _split_message(analysis: SpaceAnalysis, relation: Product, whole: SlotMapping, position: int) -> str:
+    """Why ``whole`` cannot be split over ``relation``'s factors, and which widths can."""
+    widths = [analysis.width(factor) for factor in relation.factors]
+    old = analysis.width(relation.whole)
+    outer, inner = math.prod(widths[: position + 1]), math.prod(widths[position + 1 :])
+    kept = [slot for slot in whole if slot is not None]
+    shown = f"old slots {kept[:12]}{'...' if len(kept) > 12 else ''} kept, {len(whole) - len(kept)} new"
+    head = f"node '{relation.node.name}' ({describe_node(relation.node)})"
+    # A broadcast inner factor (expand) repeats the outer blocks: grouped-query attention's key/value heads.
+    repeated = [
+        member.node.name
+        for factor in relation.factors[1:]
+        for member in analysis.members_of(analysis.find(factor))
+        if "expand" in describe_node(member.node)
+    ]
+    if relation.detail or (repeated and len(widths) == 2):
+        groups, repeat = widths
+        how = relation.detail or (
+            f" (node '{repeated[0]}' repeats each key/value head {repeat} times: grouped-query attention, "
+            f"{old} query heads over {groups} key/value heads)"
+        )
+        return (
+            f"{head} makes {old} query heads of {groups} key/value heads x {repeat}{how}: the query heads kept, "
+            f"{kept[:12]}{'...' if len(kept) > 12 else ''} of {old}, would break the grouping; remove query heads "
+            f"in whole groups of {repeat} (with their key/value head: query-head counts that are multiples of "
+            f"{repeat}: {_examples(old, repeat)}), or the same number from every group (multiples of {groups}: "
+            f"{_examples(old, groups)}), which keeps every key/value head shared by as many query heads"
+        )
+    # The innermost split of a view into (..., heads, head_dim) is what attention code writes.
+    meaning = f": heads of head_dim {inner} in attention" if position == len(widths) - 2 else ""
+    return (
+        # "reshapes the dimension of width W into AxB" is also what the zoo sweep's known-gap pattern reads.
+        f"{head} reshapes the dimension of width {old} into {'x'.join(map(str, widths))} ({outer} blocks of {inner}"
+        f"{meaning}): the new width {len(whole)} ({shown}) cuts through a block; "
+        f"possible: whole blocks kept, dropped or added (multiples of {inner}: {_examples(old, inner)}), or every "
+        f"block changed alike (multiples of {outer}: {_examples(old, outer)})"
+    )
+
+
 def solve(analysis: SpaceAnalysis, root: int, mapping: SlotMapping) -> dict[int, SlotMapping]:
     """Every class that changes when ``root``'s class takes ``mapping``, with its mapping.
 
     Raises:
         PropagationError: the change is inconsistent or meets a reshape it
             cannot be carried through.
-        EditError: equal blocks (chunk, grouped conv) would become unequal.
+        EditError: equal blocks (chunk, grouped conv) would become unequal, or
+            a split into blocks (a ``view`` into heads) would be cut through.
     """
     return _Solver(analysis).solve(root, mapping)

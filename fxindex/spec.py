@@ -1,8 +1,9 @@
 """Parsing layer specs such as ``4=Conv2d(64, 96, 3, padding=1)`` safely.
 
 A spec is read with Python's ``ast``: the only call allowed is a class of
-``torch.nn`` by its bare name (the classes :func:`fxindex.layer_classes.layer_class`
-allows, the same rule recipes follow), and every argument must be a literal (numbers,
+``torch.nn`` by its name, bare or as ``nn.Name`` or ``torch.nn.Name`` (the
+classes :func:`fxindex.layer_classes.layer_class` allows, the same rule
+recipes follow), and every argument must be a literal (numbers,
 strings, booleans, None, tuples and lists of them). Nothing is evaluated:
 ``__import__('os').system('x')``, attribute chains, lambdas and names outside
 torch.nn are refused with a message saying what is accepted.
@@ -35,11 +36,34 @@ def _literal(node: ast.expr, text: str) -> Any:
         raise SpecError(f"{text!r}: argument {ast.unparse(node)!r} is not a literal value; {_EXAMPLE}") from None
 
 
+# The prefixes a class name may carry, as people write it in Python: Linear, nn.Linear, torch.nn.Linear.
+_PREFIXES = ((), ("nn",), ("torch", "nn"))
+
+
+def _class_name(func: ast.expr) -> str | None:
+    """The class name of ``Linear``, ``nn.Linear`` or ``torch.nn.Linear``; ``None`` for anything else.
+
+    Only these spellings are read: the prefix is matched as text, never
+    looked up, and the name itself still goes through
+    :func:`fxindex.layer_classes.layer_class`.
+    """
+    parts: list[str] = []
+    while isinstance(func, ast.Attribute):
+        parts.append(func.attr)
+        func = func.value
+    if not isinstance(func, ast.Name):
+        return None
+    parts.append(func.id)
+    parts.reverse()
+    return parts[-1] if tuple(parts[:-1]) in _PREFIXES else None
+
+
 def parse_layer(text: str) -> nn.Module:
     """Build the layer described by ``text`` (``"Linear(512, 10)"``).
 
     Args:
-        text: a torch.nn class name called with literal arguments.
+        text: a torch.nn class name (``Linear``, ``nn.Linear`` or
+            ``torch.nn.Linear``) called with literal arguments.
 
     Returns:
         The new module.
@@ -59,9 +83,12 @@ def parse_layer(text: str) -> nn.Module:
         # ValueError: an int literal over Python's digit limit; RecursionError/MemoryError: absurd nesting.
         raise SpecError(f"{text!r} is not a layer spec; {_EXAMPLE}") from None
     call = tree.body
-    if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name):
-        raise SpecError(f"{text!r}: expected a torch.nn class name called with literal arguments; {_EXAMPLE}")
-    name = call.func.id
+    name = _class_name(call.func) if isinstance(call, ast.Call) else None
+    if not isinstance(call, ast.Call) or name is None:
+        raise SpecError(
+            f"{text!r}: expected a torch.nn class name (Linear, nn.Linear or torch.nn.Linear) called with "
+            f"literal arguments; {_EXAMPLE}"
+        )
     try:
         # The rule recipes follow too (fxindex.layer_classes): one list of what may be built from text.
         cls = layer_class(name)

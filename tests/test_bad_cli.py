@@ -412,7 +412,7 @@ def test_model_with_data_dependent_ops_still_gets_its_shapes(
                 return torch.nonzero(self.linear(x))
         """,
     )
-    status, out, err = run_cli(capsys, "show", f"{module}:Sparse", "--input", "4x3")
+    status, out, err = run_cli(capsys, "show", f"{module}:Sparse", "--input", "4x3", "--wide")
     assert status == 0, err
     assert "4x3" in out and "4x5" in out
 

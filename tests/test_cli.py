@@ -25,15 +25,16 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
 
 
 def table_rows(output: str) -> dict[str, list[str]]:
-    """Rows of a "simple" table by idx: everything after the dashed rule, split on spaces.
+    """Rows of a "simple" table by idx: the lines between the dashed rules, split on spaces.
 
-    Names and types have no spaces, so ``split`` gives the seven columns.
+    Names and types have no spaces, so ``split`` gives the columns (six, or
+    seven with ``--wide``). The totals row after the second rule is left out.
     """
     lines = output.splitlines()
     rule = next(i for i, line in enumerate(lines) if line.startswith("---"))
     rows: dict[str, list[str]] = {}
     for line in lines[rule + 1 :]:
-        if not line.strip():
+        if not line.strip() or line.startswith("---"):
             break
         cells = line.split()
         rows[cells[0]] = cells
@@ -91,8 +92,16 @@ def test_demo_prints_explanation_and_index(capsys: pytest.CaptureFixture[str]) -
         "nested.0",
         "nested.1",
     ]
-    # idx 4 is nested.0, a Linear 32 -> 16 on the demo's batch of 2.
-    assert rows["4"][2:] == ["Linear", "2x32", "2x16", "528", "1"]
+    # idx 4 is nested.0, a Linear 32 -> 16 on the demo's batch of 2 (left out of the shapes).
+    assert rows["4"][2:] == ["Linear", "16", "528", "1"]
+    assert "shapes without the batch dim (2)" in out
+
+
+def test_demo_wide_shows_input_shapes_and_the_batch(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run_cli(capsys, "demo", "--wide")
+    assert status == 0, err
+    assert table_rows(out)["4"][2:] == ["Linear", "2x32", "2x16", "528", "1"]
+    assert "shapes without the batch dim" not in out
 
 
 def test_demo_github_format(capsys: pytest.CaptureFixture[str]) -> None:
@@ -125,11 +134,20 @@ def test_show_seed_model_without_inputs_has_no_shapes(capsys: pytest.CaptureFixt
     assert status == 0, err
     rows = table_rows(out)
     assert len(rows) == 6
-    assert rows["4"][:5] == ["4", "nested.0", "Linear", "-", "-"]
+    assert rows["4"][:4] == ["4", "nested.0", "Linear", "-"]
 
 
 def test_show_resnet18_with_input(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, err = run_cli(capsys, "show", "torchvision.models:resnet18", "--input", "1x3x224x224")
+    assert status == 0, err
+    rows = table_rows(out)
+    assert len(rows) == 60
+    # By default: output shapes only, without the batch of 1, and every line fits 80 columns.
+    assert rows["0"][1:4] == ["conv1", "Conv2d", "64x112x112"]
+    assert rows["59"][1:5] == ["fc", "Linear", "1000", "513,000"]
+    assert out.splitlines()[-1] == "shapes without the batch dim (1)"
+    assert max(len(line) for line in out.splitlines()) <= 80
+    status, out, err = run_cli(capsys, "show", "torchvision.models:resnet18", "--input", "1x3x224x224", "--wide")
     assert status == 0, err
     rows = table_rows(out)
     assert len(rows) == 60
@@ -158,7 +176,7 @@ def test_show_several_inputs_in_order(capsys: pytest.CaptureFixture[str], user_m
                 return self.image(image).mean((2, 3)) + self.text(text)
         """,
     )
-    status, out, err = run_cli(capsys, "show", f"{module}:TwoInputs", "--input", "2x3x8x8", "--input", "2x5")
+    status, out, err = run_cli(capsys, "show", f"{module}:TwoInputs", "--input", "2x3x8x8", "--input", "2x5", "--wide")
     assert status == 0, err
     rows = table_rows(out)
     assert rows["0"][1:5] == ["image", "Conv2d", "2x3x8x8", "2x4x6x6"]
@@ -178,7 +196,7 @@ def test_show_function_factory_from_current_directory(
             return nn.Sequential(nn.Linear(3, 7), nn.ReLU())
         """,
     )
-    status, out, err = run_cli(capsys, "show", f"{module}:build", "--input", "4x3")
+    status, out, err = run_cli(capsys, "show", f"{module}:build", "--input", "4x3", "--wide")
     assert status == 0, err
     assert table_rows(out)["0"][1:6] == ["0", "Linear", "4x3", "4x7", "28"]
     # The current directory is importable during the import only: sys.path is left as it was.
@@ -411,7 +429,8 @@ def test_bench_original_against_rebuilt(capsys: pytest.CaptureFixture[str], tmp_
     ("spec", "expected"),
     [
         ("4=__import__('os').system('touch /tmp/fxindex-pwned')", "torch.nn class name"),
-        ("4=torch.nn.Linear(32, 21)", "torch.nn class name"),
+        ("4=torch.Linear(32, 21)", "torch.nn class name"),
+        ("4=os.nn.Linear(32, 21)", "torch.nn class name"),
         ("4=(lambda: Linear(1, 2))()", "torch.nn class name"),
         ("4=Linear(*[32, 21])", r"\*args"),
         ("4=Linear(in_features=x, out_features=3)", "not a literal"),

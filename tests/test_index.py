@@ -482,18 +482,32 @@ def test_lookups_and_errors_modify_nothing(seed_model, seed_inputs):
 
 # --------------------------------------------------------------------------- table
 
-HEADERS = ["idx", "name", "type", "input shape", "output shape", "params", "call sites"]
+HEADERS = ["idx", "name", "type", "output", "params", "calls"]
+WIDE_HEADERS = ["idx", "name", "type", "input shape", "output shape", "params", "call sites"]
+# A "simple" table: header, rule, the rows, a rule, the totals row; then the batch-dim note when shapes are known.
+FRAME = 2 + 2
 
 
 def test_table_columns_and_rows(seed_model, seed_inputs):
     text = fxindex.table(seed_model, seed_inputs)
     lines = text.splitlines()
-    assert all(header in lines[0] for header in HEADERS)
-    assert lines[0].index("idx") < lines[0].index("name") < lines[0].index("call sites")
+    assert lines[0].split() == HEADERS
     assert set(lines[1].replace(" ", "")) == {"-"}
-    assert len(lines) == 2 + 6
+    assert len(lines) == FRAME + 6 + 1
     row = lines[2 + 4].split()
-    assert row == ["4", "nested.0", "Linear", "2x32", "2x16", str(32 * 16 + 16), "1"]
+    # The batch of 2 is the same everywhere, so the shapes leave it out and the last line says so.
+    assert row == ["4", "nested.0", "Linear", "16", str(32 * 16 + 16), "1"]
+    assert lines[2].split()[:4] == ["0", "conv1", "Conv2d", "16x26x26"]
+    assert lines[-1] == "shapes without the batch dim (2)"
+    assert lines[-2].split() == ["total", "(6", "layers)", f"{sum(p.numel() for p in seed_model.parameters()):,}"]
+
+
+def test_wide_table_keeps_every_column(seed_model, seed_inputs):
+    lines = fxindex.table(seed_model, seed_inputs, wide=True).splitlines()
+    assert all(header in lines[0] for header in WIDE_HEADERS)
+    assert lines[0].index("idx") < lines[0].index("name") < lines[0].index("call sites")
+    assert len(lines) == FRAME + 6  # full shapes: no batch-dim note
+    assert lines[2 + 4].split() == ["4", "nested.0", "Linear", "2x32", "2x16", "528", "1"]
     assert lines[2].split()[:5] == ["0", "conv1", "Conv2d", "2x3x28x28", "2x16x26x26"]
 
 
@@ -503,14 +517,16 @@ def test_table_of_an_index_equals_table_of_the_model(seed_model, seed_inputs, se
 
 def test_table_without_shapes_uses_dashes(seed_model):
     lines = fxindex.table(seed_model).splitlines()
-    assert len(lines) == 8
-    assert all(line.split()[3:5] == ["-", "-"] for line in lines[2:])
+    assert len(lines) == FRAME + 6  # no shapes, no batch-dim note
+    assert all(line.split()[3] == "-" for line in lines[2:8])
+    wide = fxindex.table(seed_model, wide=True).splitlines()
+    assert all(line.split()[3:5] == ["-", "-"] for line in wide[2:8])
 
 
 def test_table_shows_call_sites_and_tuple_shapes():
     torch.manual_seed(0)
     shared = fxindex.table(Shared(), (torch.randn(3, 4),)).splitlines()
-    assert [line.split()[-1] for line in shared[2:]] == ["2", "3", "1", "3", "3", "2"]
+    assert [line.split()[-1] for line in shared[2:8]] == ["2", "3", "1", "3", "3", "2"]
 
     class Recurrent(nn.Module):
         def __init__(self) -> None:
@@ -520,8 +536,10 @@ def test_table_shows_call_sites_and_tuple_shapes():
         def forward(self, x):
             return self.lstm(x)[0]
 
-    row = fxindex.table(Recurrent(), (torch.randn(2, 5, 6),)).splitlines()[2]
-    assert "2x5x8 1x2x8 1x2x8" in row
+    # The LSTM's state leads with its number of layers (1), not the batch (2): every shape stays whole.
+    lines = fxindex.table(Recurrent(), (torch.randn(2, 5, 6),)).splitlines()
+    assert "2x5x8 1x2x8 1x2x8" in lines[2]
+    assert not lines[-1].startswith("shapes without")
 
 
 def _many_layers(count: int) -> nn.Sequential:
@@ -533,10 +551,11 @@ def test_table_of_300_layers_is_302_lines(with_shapes):
     model = _many_layers(300)
     inputs = (torch.randn(2, 4),) if with_shapes else None
     lines = fxindex.table(model, inputs).splitlines()
-    assert len(lines) == 302
-    assert [line.split()[0] for line in lines[2:]] == [str(i) for i in range(300)]
-    assert [line.split()[1] for line in lines[2:]] == [str(i) for i in range(300)]
-    assert len({len(line) for line in lines}) == 1  # aligned, nothing wrapped
+    assert len(lines) == FRAME + 300 + (1 if with_shapes else 0)
+    rows = lines[2:302]
+    assert [line.split()[0] for line in rows] == [str(i) for i in range(300)]
+    assert [line.split()[1] for line in rows] == [str(i) for i in range(300)]
+    assert len({len(line) for line in lines[:303]}) == 1  # header, rules and rows aligned, nothing wrapped
 
 
 def test_table_rows_never_wrap_with_long_names():
@@ -544,20 +563,21 @@ def test_table_rows_never_wrap_with_long_names():
     model = nn.Sequential(nn.Sequential(*[nn.Linear(4, 4)]))
     model.add_module(long, nn.Linear(4, 4))
     lines = fxindex.table(model, (torch.randn(1, 4),)).splitlines()
-    assert len(lines) == 4
+    assert len(lines) == FRAME + 2 + 1
     assert lines[3].split()[1] == long
 
 
 @pytest.mark.parametrize("count", [6, 300])
 def test_table_tablefmt_github_passes_through(seed_model, seed_inputs, count):
     if count == 6:
-        text = fxindex.table(seed_model, seed_inputs, tablefmt="github")
+        text = fxindex.table(seed_model, seed_inputs, tablefmt="github", wide=True)
     else:
-        text = fxindex.table(_many_layers(count), tablefmt="github")
+        text = fxindex.table(_many_layers(count), tablefmt="github", wide=True)
     lines = text.splitlines()
-    assert len(lines) == count + 2
+    assert len(lines) == count + FRAME
     assert all(line.startswith("|") and line.endswith("|") for line in lines)
-    assert set(lines[1]) <= {"|", "-", ":"}
-    assert [cell.strip() for cell in lines[0].strip("|").split("|")] == HEADERS
+    assert set(lines[1]) <= {"|", "-", ":"} and set(lines[-2]) <= {"|", "-", ":"}
+    assert [cell.strip() for cell in lines[0].strip("|").split("|")] == WIDE_HEADERS
     plain = fxindex.table(_many_layers(4), tablefmt="plain").splitlines()
-    assert len(plain) == 4 + 1  # the plain format has no separator line: the option really reaches tabulate
+    # The plain format has no rules at all (none before the totals either): the option really reaches tabulate.
+    assert len(plain) == 1 + 4 + 1 and plain[-1].split()[0] == "total"

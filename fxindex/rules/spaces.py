@@ -696,6 +696,81 @@ def relate_matmul(context: SpaceContext) -> None:
     context.output(tuple(batch) + (a[-2], b[-1]))
 
 
+def _rebuild_attention(request: RebuildRequest) -> NodeEdit:
+    """Keep the attention's ``1/sqrt(head_dim)`` scale when ``head_dim`` changes (zero new slots then add nothing)."""
+    node = request.node
+    if not request.changed("head_dim") or argument(node, 6, "scale") is not None:
+        return NodeEdit()
+    old = request.old_widths["head_dim"]
+    return NodeEdit(
+        kwargs={**node.kwargs, "scale": old**-0.5},
+        weights=f"scale kept at 1/sqrt({old}) (head_dim {old} -> {request.width('head_dim')})",
+    )
+
+
+@register_space_rule(F.scaled_dot_product_attention, *aten_overloads("scaled_dot_product_attention.default"))
+def relate_scaled_dot_product_attention(context: SpaceContext) -> None:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask, ...)``: heads, head_dim and sequences tie q, k, v, output.
+
+    ``q`` is ``(..., L, E)``, ``k`` ``(..., S, E)``, ``v`` ``(..., S, Ev)`` and
+    the output ``(..., L, Ev)``: ``E`` (the query/key head_dim) is one space
+    in ``q`` and ``k``, ``S`` one in ``k``, ``v`` and the mask, and the batch
+    dims (the heads) are one space in ``q``, ``k``, ``v`` and the output where
+    their sizes meet. With ``enable_gqa=True`` the query heads are the key/value
+    heads times a repeat factor (query head ``i`` reads key/value head
+    ``i // repeat``), a :class:`~fxindex.spaces.Product`: query heads can go
+    in whole groups, or the same number from every group.
+    """
+    names = ("query", "key", "value")
+    query, key, value = (context.dims(argument(context.node, i, name)) for i, name in enumerate(names))
+    shapes = [context.shape(argument(context.node, i, name)) for i, name in enumerate(names)]
+    mask_node = argument(context.node, 3, "attn_mask")
+    shape = context.shape(context.node)
+    gqa = bool(argument(context.node, 7, "enable_gqa", False))
+    if (
+        query is None or key is None or value is None or shape is None or any(item is None for item in shapes)
+        or not (len(query) == len(key) == len(value) == len(shape) >= 2)
+    ):  # fmt: skip
+        context.block_inputs("scaled_dot_product_attention of tensors without recorded shapes or of different ranks")
+        return
+    q_shape, k_shape, v_shape = shapes
+    assert q_shape is not None and k_shape is not None and v_shape is not None
+    context.same(query[-1], key[-1])
+    context.same(key[-2], value[-2])
+    out = list(query[:-1]) + [value[-1]]
+    batch = len(shape) - 2
+    for d in range(batch):
+        operands = [(query[d], q_shape[d]), (key[d], k_shape[d]), (value[d], v_shape[d])]
+        # Dims of one size are one space (the heads); a size-1 dim broadcasts.
+        for i, (first, first_size) in enumerate(operands):
+            for second, second_size in operands[i + 1 :]:
+                if first_size == second_size:
+                    context.same(first, second)
+        sizes = {size for _, size in operands if size != 1}
+        if len(sizes) > 1:
+            if gqa and d == batch - 1 and k_shape[d] == v_shape[d] and q_shape[d] % k_shape[d] == 0:
+                repeat = q_shape[d] // k_shape[d]
+                context.product(
+                    query[d], [key[d], context.fresh(repeat)],
+                    detail=f" (grouped-query attention, enable_gqa: query head i reads key/value head i // {repeat})",
+                )  # fmt: skip
+            else:
+                context.block([space for space, _ in operands], f"attention batch dim {d} of sizes {sorted(sizes)}")
+        out[d] = next(space for space, size in operands if size == shape[d])
+    mask = context.dims(mask_node)
+    mask_shape = context.shape(mask_node)
+    if mask is not None and mask_shape is not None and len(mask) <= len(shape):
+        # The mask broadcasts against (..., L, S): dims of the same size are the same space.
+        offset = len(shape) - len(mask)
+        targets = [out[i] for i in range(batch)] + [query[-2], key[-2]]
+        sizes = list(shape[:batch]) + [q_shape[-2], k_shape[-2]]
+        for i, space in enumerate(mask):
+            if mask_shape[i] != 1 and mask_shape[i] == sizes[offset + i]:
+                context.same(space, targets[offset + i])
+    context.member("shape", "head_dim", query[-1], "attention scale 1/sqrt(head_dim)", _rebuild_attention)
+    context.output(tuple(out))
+
+
 # --------------------------------------------------------------------------------- reshapes
 
 
@@ -1094,7 +1169,26 @@ def relate_chunk(context: SpaceContext) -> None:
     _split_parts(context, sizes, argument(context.node, 2, "dim", 0), True, None)
 
 
-# --------------------------------------------------------------------------------- reductions
+@register_space_rule(torch.unbind, "unbind", *aten_overloads("unbind.int"))
+def relate_unbind(context: SpaceContext) -> None:
+    """unbind: one tensor per slot of the unbound dim (timm's ``q, k, v = qkv.unbind(0)``); the other dims pass.
+
+    The unbound dim cannot change width (each slot is its own output, and
+    the code downstream unpacks a fixed number of them), so it is blocked;
+    the dims of the outputs are the input's other dims.
+    """
+    node, dims = _input(context)
+    dim = argument(context.node, 1, "dim", 0)
+    old = context.shape(node)
+    if dims is None or old is None or not isinstance(dim, int):
+        context.block_inputs("unbind of a non-tensor or along a computed dim")
+        return
+    dim %= len(dims)
+    context.block(dims[dim], "unbind makes one output per slot of this dim: its width is fixed")
+    rest = dims[:dim] + dims[dim + 1 :]
+    context.output([rest for _ in range(old[dim])])
+
+
 
 
 @register_space_rule(
