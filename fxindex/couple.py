@@ -107,7 +107,10 @@ def plan_coupled(graph_module: fx.GraphModule, graph: fx.Graph, target: Target, 
             f"new layer's channel order would not keep equal; use fxindex.resize(model, {str(node.target)!r}, width, "
             f"keep=...) to resize it block by block (widths that work: {widths_that_work(found.width, blocks)})",
         )
-    changes = solve(analysis, root, change.mapping)
+    try:
+        changes = solve(analysis, root, change.mapping)
+    except FxIndexError as error:  # a reshape the new width cannot follow (a head cut in two...)
+        raise _refused(refusal, str(error)) from error
     changed_roots = {analysis.find(space) for space in changes}
     for member in analysis.node_members(view_node):
         if member.role == "consumer" and analysis.find(member.space) in changed_roots:
