@@ -1122,8 +1122,9 @@ def _split_message(analysis: SpaceAnalysis, relation: Product, whole: SlotMappin
             f"{repeat}: {_examples(old, repeat)}), or the same number from every group (multiples of {groups}: "
             f"{_examples(old, groups)}), which keeps every key/value head shared by as many query heads"
         )
-    # The innermost split of a view into (..., heads, head_dim) is what attention code writes.
-    meaning = f": heads of head_dim {inner} in attention" if position == len(widths) - 2 else ""
+    # The innermost split of a view into (..., heads, head_dim) is what attention code writes; a
+    # channel shuffle (view into groups x channels, transpose) reads the same, so say it as a maybe.
+    meaning = f": heads of head_dim {inner} if this is attention" if position == len(widths) - 2 else ""
     return (
         # "reshapes the dimension of width W into AxB" is also what the zoo sweep's known-gap pattern reads.
         f"{head} reshapes the dimension of width {old} into {'x'.join(map(str, widths))} ({outer} blocks of {inner}"
