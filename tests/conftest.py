@@ -6,6 +6,7 @@ Add new fixtures below with a one-line docstring each.
 Fixtures:
     seed_model   -- fxindex.examples.SeedModel, seeded and in eval mode.
     seed_inputs  -- its example inputs, a tuple with one (2, 3, 28, 28) tensor.
+    user_module  -- writes importable modules into a fresh current directory (the CLI tests' factories).
 
 Hooks:
     pytest_xdist_auto_num_workers -- how many pytest-xdist workers ``-n auto``
@@ -97,3 +98,21 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
         return 0
     cpus = _cpu_count()
     return min(MAX_WORKERS, cpus) if cpus > 1 else 0
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    """Write modules into a fresh current directory (importable, as ``python -m`` makes it); return the writer."""
+    import textwrap
+
+    monkeypatch.chdir(tmp_path)
+    written: list[str] = []
+
+    def write(name: str, source: str) -> str:
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+        written.append(name)
+        return name
+
+    yield write
+    for name in written:
+        sys.modules.pop(name, None)

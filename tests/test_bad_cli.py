@@ -19,7 +19,7 @@ import stat
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,40 +31,14 @@ import fxindex
 from fxindex import cli
 from fxindex.spec import SpecError, parse_replacement
 
-# The checkout (or install) the tests import, so the subprocesses run the same code.
-PACKAGE_ROOT = str(Path(fxindex.__file__).resolve().parent.parent)
+from cli_helpers import one_line_error, run_cli, subprocess_env
+
 # Any torch.randn beyond this many elements is a real allocation these tests must never see.
 LARGE_TENSOR = 10_000_000
 SEED = "fxindex.examples:SeedModel"
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """Run ``fxindex.cli.main(argv)``; return (status, stdout, stderr)."""
-    status = cli.main(list(argv))
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
-def one_line_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    """Run the command line; check the error contract and return the error line."""
-    status, out, err = run_cli(capsys, *argv)
-    assert status == 2, (status, out, err)
-    assert out == ""
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("fxindex: error: ")
-    return lines[0]
-
-
-def subprocess_env() -> dict[str, str]:
-    """The environment for ``python -m fxindex``: this checkout first on the path."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
-    return env
 
 
 class Called(AssertionError):
@@ -98,20 +72,6 @@ def no_large_tensor(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
     return shapes
 
 
-@pytest.fixture
-def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str, str], str]]:
-    """Write modules into a fresh current directory (importable, as ``python -m`` makes it)."""
-    monkeypatch.chdir(tmp_path)
-    written: list[str] = []
-
-    def write(name: str, source: str) -> str:
-        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
-        written.append(name)
-        return name
-
-    yield write
-    for name in written:
-        sys.modules.pop(name, None)
 
 
 # --------------------------------------------------------------------------- factories: the standard library

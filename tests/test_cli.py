@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -13,16 +11,7 @@ import pytest
 import fxindex
 from fxindex import cli
 
-# The checkout (or install) the tests import, so the subprocesses run the same code.
-PACKAGE_ROOT = str(Path(fxindex.__file__).resolve().parent.parent)
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """Run ``fxindex.cli.main(argv)``; return (status, stdout, stderr)."""
-    status = cli.main(list(argv))
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
+from cli_helpers import assert_one_line_error, run_cli, subprocess_env
 
 def table_rows(output: str) -> dict[str, list[str]]:
     """Rows of a "simple" table by idx: the lines between the dashed rules, split on spaces.
@@ -39,40 +28,6 @@ def table_rows(output: str) -> dict[str, list[str]]:
         cells = line.split()
         rows[cells[0]] = cells
     return rows
-
-
-def assert_one_line_error(status: int, out: str, err: str) -> str:
-    """Check the error contract: status 2, nothing on stdout, one stderr line, no traceback."""
-    assert status == 2
-    assert out == ""
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("fxindex: error: ")
-    return lines[0]
-
-
-def subprocess_env() -> dict[str, str]:
-    """The environment for ``python -m fxindex``: this checkout first on the path."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
-    return env
-
-
-@pytest.fixture
-def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Write a module into a fresh current directory; return a function that writes one."""
-    monkeypatch.chdir(tmp_path)
-    written: list[str] = []
-
-    def write(name: str, source: str) -> str:
-        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
-        written.append(name)
-        return name
-
-    yield write
-    for name in written:
-        sys.modules.pop(name, None)
 
 
 # ----------------------------------------------------------------------------- demo

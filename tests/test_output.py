@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import importlib
 import io
-import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -21,52 +19,10 @@ import fxindex
 from fxindex import cli
 from fxindex.spec import SpecError, parse_layer, parse_replacement
 
+from cli_helpers import one_line_error, run_cli, subprocess_env
+
 # The module, not the function fxindex.table that shadows it on the package.
 table_module = importlib.import_module("fxindex.table")
-PACKAGE_ROOT = str(Path(fxindex.__file__).resolve().parent.parent)
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """Run ``fxindex.cli.main(argv)``; return (status, stdout, stderr)."""
-    status = cli.main(list(argv))
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
-def one_line_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    """Run the command line; check status 2, no stdout, one stderr line; return that line."""
-    status, out, err = run_cli(capsys, *argv)
-    assert status == 2, (status, out, err)
-    assert out == ""
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("fxindex: error: ")
-    return lines[0]
-
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-    """The environment for ``python -m fxindex``: this checkout first on the path."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
-    env.update(extra)
-    return env
-
-
-@pytest.fixture
-def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Write a module into a fresh current directory; return a function that writes one."""
-    monkeypatch.chdir(tmp_path)
-    written: list[str] = []
-
-    def write(name: str, source: str) -> str:
-        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
-        written.append(name)
-        return name
-
-    yield write
-    for name in written:
-        sys.modules.pop(name, None)
 
 
 class FakeTerminal(io.StringIO):

@@ -49,7 +49,7 @@ def _one_thread():
         yield
 
 
-def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+def assert_outputs_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -65,7 +65,7 @@ def widened(model: nn.Module, inputs: tuple, layer: str, extra: int, **kwargs) -
     result = resize(gm, layer, width + extra)
     result.graph.lint()
     assert group(result, layer).width == width + extra
-    close(run(result, inputs), run(model, inputs))
+    assert_outputs_close(run(result, inputs), run(model, inputs))
     return result
 
 
@@ -131,7 +131,9 @@ def test_residual_narrowing_matches_a_hand_sliced_model():
     for layer in (reference.block1.conv1, reference.block2.conv1, reference.block2.downsample[0]):
         in_sliced(layer, keep)
     result.graph.lint()
-    close(run(result, inputs), run(reference, inputs))
+    assert result.stem.out_channels == result.block1.conv2.out_channels == len(keep)
+    assert result.block2.conv1.in_channels == len(keep)
+    assert_outputs_close(run(result, inputs), run(reference, inputs))
 
 
 def test_resize_shares_nothing_and_leaves_the_model_alone():
@@ -146,7 +148,7 @@ def test_resize_shares_nothing_and_leaves_the_model_alone():
     # inplace edits the caller's module itself.
     same = resize(gm, "stem", 10, inplace=True)
     assert same is gm and gm.stem.out_channels == 10
-    close(run(gm, inputs), run(model, inputs))
+    assert_outputs_close(run(gm, inputs), run(model, inputs))
 
 
 def test_plan_lists_every_member_it_rebuilds():
@@ -177,7 +179,7 @@ def test_squeeze_excite_gate_widening_and_narrowing():
     out_sliced(reference.fc2, keep)
     in_sliced(reference.fc1, keep)
     in_sliced(reference.head, keep)
-    close(run(narrowed, inputs), run(reference, inputs))
+    assert_outputs_close(run(narrowed, inputs), run(reference, inputs))
 
 
 def test_glu_gate_resizes_both_halves_alike():
@@ -191,7 +193,7 @@ def test_glu_gate_resizes_both_halves_alike():
         hidden = model.fc1(inputs[0])
         a, b = hidden[:, [0, 3, 5]], hidden[:, [8, 11, 13]]
         expected = nn.functional.linear(a * torch.sigmoid(b), model.fc2.weight[:, [0, 3, 5]], model.fc2.bias)
-    close(run(narrowed, inputs), expected)
+    assert_outputs_close(run(narrowed, inputs), expected)
     with pytest.raises(fxindex.PropagationError, match="two different slot mappings|change differently"):
         resize(traced(model, inputs), "fc1", keep=[0, 1, 2, 8, 9, 12])  # halves would disagree
     with pytest.raises(fxindex.EditError, match="multiple of 2"):
@@ -215,7 +217,7 @@ def test_layer_scale_parameter_follows():
     in_sliced(reference.conv_b, keep)
     in_sliced(reference.head, keep)
     reference.gamma = nn.Parameter(model.gamma[keep].detach().clone())
-    close(run(narrowed, inputs), run(reference, inputs))
+    assert_outputs_close(run(narrowed, inputs), run(reference, inputs))
 
 
 def test_class_token_and_position_embedding_follow():
@@ -252,7 +254,7 @@ def test_cat_inside_a_residual():
     out_sliced(reference.b2, [2, 3, 4])
     for layer in (reference.b1, reference.b2, reference.head):
         in_sliced(layer, keep)
-    close(run(narrowed, inputs), run(reference, inputs))
+    assert_outputs_close(run(narrowed, inputs), run(reference, inputs))
     with pytest.raises(fxindex.PropagationError, match="interleave"):
         resize(traced(model, inputs), "stem", keep=[5, 0, 1])
 
@@ -272,7 +274,7 @@ def test_getitem_slice_bounds_are_rewritten():
     with torch.no_grad():
         y = torch.relu(reference.conv(inputs[0]))
         expected = reference.head_a(y[:, :3]) + reference.head_b(y[:, 3:])
-    close(run(narrowed, inputs), expected)
+    assert_outputs_close(run(narrowed, inputs), expected)
 
 
 def test_split_sizes_are_rewritten():
@@ -317,7 +319,7 @@ def test_grouped_conv_keeps_its_blocks_equal():
         local = [slot - 2 * (j // 2) for j, slot in enumerate([keep[j // 2] for j in range(8)])]
         reference.grouped.weight = nn.Parameter(model.grouped.weight[torch.arange(8), local].unsqueeze(1).clone())
     reference.grouped.in_channels = 4
-    close(run(narrowed, inputs), run(reference, inputs))
+    assert_outputs_close(run(narrowed, inputs), run(reference, inputs))
 
 
 def test_depthwise_conv_inside_a_residual():
@@ -337,7 +339,7 @@ def test_depthwise_conv_inside_a_residual():
     out_sliced(reference.pw, keep)
     in_sliced(reference.pw, keep)
     in_sliced(reference.head, keep)
-    close(run(narrowed, inputs), run(reference, inputs))
+    assert_outputs_close(run(narrowed, inputs), run(reference, inputs))
 
 
 def test_batchnorm_subclass_and_functional_batch_norm():
@@ -401,7 +403,7 @@ def test_resnet18_stem_group_widens_and_narrows_like_torch_pruning():
     wider = resize(gm, "layer1.0.conv2", 72)
     wider.graph.lint()
     assert wider.conv1.out_channels == 72 and wider.get_submodule("layer2.0.downsample.0").in_channels == 72
-    close(run(wider, inputs), run(net, inputs))
+    assert_outputs_close(run(wider, inputs), run(net, inputs))
     drop = [3, 10, 17, 40, 63]
     keep = [c for c in range(64) if c not in drop]
     narrower = resize(gm, "conv1", keep=keep)
@@ -410,7 +412,7 @@ def test_resnet18_stem_group_widens_and_narrows_like_torch_pruning():
     pruned = copy.deepcopy(net)
     graph = tp.DependencyGraph().build_dependency(pruned, example_inputs=inputs[0])
     graph.get_pruning_group(pruned.conv1, tp.prune_conv_out_channels, idxs=drop).prune()
-    close(run(narrower, inputs), run(pruned, inputs))
+    assert_outputs_close(run(narrower, inputs), run(pruned, inputs))
 
 
 # --------------------------------------------------------------------------- more relations and edge cases
@@ -424,7 +426,7 @@ def test_resizing_the_output_group_changes_the_model_output():
     result = resize(traced(net, inputs), 2, 5)
     out = run(result, inputs)
     assert out.shape == (2, 5)
-    close(out[:, :3], run(net, inputs))  # the old outputs, then zero rows
+    assert_outputs_close(out[:, :3], run(net, inputs))  # the old outputs, then zero rows
     assert torch.equal(out[:, 3:], torch.zeros(2, 2))
 
 
@@ -481,5 +483,5 @@ def test_functional_layers_with_get_attr_weights_and_channel_padding():
     result = widened(model, inputs, "conv", 3)
     assert tuple(result.weight.shape) == (6, 13, 1, 1)
     # The new input slots sit between the old channels and the trailing pad channel.
-    close(result.weight[:, 9:12], torch.zeros(6, 3, 1, 1))
-    close(result.weight[:, 12], model.weight[:, 9])
+    assert_outputs_close(result.weight[:, 9:12], torch.zeros(6, 3, 1, 1))
+    assert_outputs_close(result.weight[:, 12], model.weight[:, 9])
