@@ -34,6 +34,8 @@ module's argument order). The marks never reach the lifted graph.
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import contextlib
 import operator
 from collections.abc import Callable, Iterator
@@ -261,13 +263,6 @@ def _state_names(program: Any) -> tuple[dict[str, str], dict[str, str], list[str
     return states, constants, users
 
 
-def _fetch(root: nn.Module, target: str) -> Any:
-    value: Any = root
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
-
-
 def _forward_names(model: nn.Module, count: int) -> list[str]:
     """Names for the lifted graph's placeholders: ``forward``'s positional parameters."""
     import inspect
@@ -433,7 +428,7 @@ def lift(
             env[node] = env[node.args[0]][node.args[1]]
             continue
         if node.op == "get_attr":
-            value = _fetch(program.graph_module, node.target)
+            value = attrgetter(node.target)(program.graph_module)
             if not isinstance(value, torch.Tensor):
                 raise TraceError(
                     f"torch.export captured '{node.target}' ({type(value).__name__}, a subgraph of torch.cond or "

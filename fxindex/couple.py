@@ -122,7 +122,7 @@ def plan_coupled(graph_module: fx.GraphModule, graph: fx.Graph, target: Target, 
                 "to resize the group with this layer included",
             )
     try:
-        group_plan, tensors = plan_group(analysis, changes, target.label)
+        group_plan = plan_group(analysis, changes, target.label)
     except FxIndexError as error:
         raise _refused(refusal, str(error)) from error
     caller_edit = next(edit for edit in planner.plan.edits if edit.node == node.name)
@@ -134,7 +134,7 @@ def plan_coupled(graph_module: fx.GraphModule, graph: fx.Graph, target: Target, 
         edits=edits,
         breaks_function=breaks,
         output_changes=list(group_plan.output_changes),
-        tensors=tensors,
+        tensors=group_plan.tensors,
         group=tuple(found.producers),
     )
     planned.new_metas = _verified_shapes(view, planned, target)

@@ -11,6 +11,8 @@ new shapes; nodes that read nothing changed are never run. The result is a
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import contextlib
 from collections import Counter
 from collections.abc import Sequence
@@ -156,7 +158,7 @@ class _Planner:
         if meta is not None:
             value = self.fake_from_meta(meta)
         elif node.op == "get_attr":
-            value = _fetch_attr(self.graph_module, node.target)
+            value = attrgetter(node.target)(self.graph_module)
             # Made lazily (not in __init__): a planner without shapes never needs one.
             copies = self.__dict__.setdefault("meta_copies", MetaConverter())
             try:
@@ -210,7 +212,7 @@ class _Planner:
                 return layer
             raise AssertionError(f"unexpected op {node.op}")
 
-        real = _fetch_attr(self.graph_module, node.target) if node.op == "get_attr" else module
+        real = attrgetter(node.target)(self.graph_module) if node.op == "get_attr" else module
         try:
             layer = copies.value(real) if real is not None else None
             with torch.device("meta"), meta_kernel_cache(self.device):
@@ -546,13 +548,6 @@ class _Planner:
                 kwargs=outcome.kwargs,
             )
         )
-
-
-def _fetch_attr(graph_module: fx.GraphModule, target: str) -> Any:
-    value: Any = graph_module
-    for atom in target.split("."):
-        value = getattr(value, atom)
-    return value
 
 
 def _shape_text_from(shape: Any) -> str:

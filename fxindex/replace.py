@@ -784,8 +784,9 @@ def replace(
             (``{MyLayer: my_rule}``; see :func:`fxindex.rules.using`).
 
     Returns:
-        The rebuilt ``GraphModule``, linted and recompiled. Unless ``inplace``,
-        it shares no parameter tensor with ``model``.
+        The rebuilt ``GraphModule``, linted and recompiled; with ``inplace=True``
+        on a plain module, that module itself. Unless ``inplace`` or
+        ``share_untouched``, it shares no parameter tensor with ``model``.
 
     Raises:
         TypeError: ``model`` or ``new_layer`` is not a module.
@@ -853,15 +854,17 @@ def remove(
         model: an ``nn.Module`` (traced first) or a ``torch.fx.GraphModule``.
         index: an int in execution order, a qualified name, or a list of them.
         example_inputs: a tuple of inputs; records shapes first.
-        inplace: edit ``model`` itself (a GraphModule) instead of a copy. Even
-            then a failed call leaves it untouched.
+        inplace: edit ``model`` itself instead of a copy (a plain module gets
+            the edit written back, as for :func:`replace`). Even then a failed
+            call leaves it untouched.
         share_untouched: a light copy sharing every tensor it does not
             rebuild with ``model`` (see :func:`replace`).
         rules: rules in effect for this call only, before the registered ones
             (``{MyLayer: my_rule}``; see :func:`fxindex.rules.using`).
 
     Returns:
-        The rebuilt ``GraphModule``; the call sites are gone from its index.
+        The rebuilt ``GraphModule`` (with ``inplace=True`` on a plain module,
+        that module); the call sites are gone from its index.
 
     Example:
         >>> import torch, fxindex
@@ -928,15 +931,17 @@ def insert(
         new_layer: the module to insert (omit with a dict).
         after: insert after the anchor (default) or before it.
         example_inputs: a tuple of inputs; records shapes first.
-        inplace: edit ``model`` itself (a GraphModule) instead of a copy. Even
-            then a failed call leaves it untouched.
+        inplace: edit ``model`` itself instead of a copy (a plain module gets
+            the edit written back, as for :func:`replace`). Even then a failed
+            call leaves it untouched.
         share_untouched: a light copy sharing every tensor it does not
             rebuild with ``model`` (see :func:`replace`).
         rules: rules in effect for this call only, before the registered ones
             (``{MyLayer: my_rule}``; see :func:`fxindex.rules.using`).
 
     Returns:
-        The rebuilt ``GraphModule``.
+        The rebuilt ``GraphModule`` (with ``inplace=True`` on a plain module,
+        that module).
 
     Example:
         >>> import torch, fxindex

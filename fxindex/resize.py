@@ -17,6 +17,8 @@ the check runs on a copy first, so a failed call never modifies the model.
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -108,13 +110,6 @@ def _short(module: nn.Module | None) -> str:
     return text if "\n" not in text else f"{type(module).__name__}(...)"
 
 
-def _fetch(graph_module: fx.GraphModule, target: str) -> Any:
-    value: Any = graph_module
-    for atom in target.split("."):
-        value = getattr(value, atom)
-    return value
-
-
 def _arguments_text(args: Any, kwargs: Any) -> str:
     parts = [arg.name if isinstance(arg, fx.Node) else repr(arg) for arg in args[1:]]
     parts += [f"{key}={value!r}" for key, value in kwargs.items()]
@@ -124,7 +119,7 @@ def _arguments_text(args: Any, kwargs: Any) -> str:
 def _plan(
     analysis: SpaceAnalysis, changes: dict[int, SlotMapping], label: str
 ) -> tuple[Plan, dict[str, torch.Tensor]]:
-    """Rebuild every member of the changed classes: a plan, and the new get_attr tensors by target."""
+    """Rebuild every member of the changed classes: a plan (its ``tensors``: new get_attr values by target)."""
     graph_module = analysis.graph_module
     for root in changes:
         block = analysis.blocked(root)
@@ -180,7 +175,7 @@ def _plan(
             request = RebuildRequest(
                 node=node,
                 module=module,
-                value=_fetch(graph_module, node.target) if node.op == "get_attr" else None,
+                value=attrgetter(node.target)(graph_module) if node.op == "get_attr" else None,
                 mappings=dict(mappings),
                 old_widths=old_widths,
                 analysis=analysis,
@@ -233,7 +228,7 @@ def _plan(
                 kwargs=edit.kwargs,
             )
         )
-    return Plan(edits=edits, breaks_function=breaks, output_changes=outputs), tensors
+    return Plan(edits=edits, breaks_function=breaks, output_changes=outputs, tensors=tensors)
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -242,24 +237,8 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 def request_shape(graph_module: fx.GraphModule, node: fx.Node) -> tuple[int, ...]:
-    value = _fetch(graph_module, str(node.target))
+    value = attrgetter(str(node.target))(graph_module)
     return tuple(value.shape) if isinstance(value, torch.Tensor) else ()
-
-
-def _install(graph_module: fx.GraphModule, plan: Plan, tensors: dict[str, torch.Tensor]) -> None:
-    """Install the plan's modules and arguments, then the new parameter and buffer tensors."""
-    apply_plan(graph_module, plan)
-    with torch.no_grad():
-        for target, tensor in tensors.items():
-            owner_name, _, atom = target.rpartition(".")
-            owner = graph_module.get_submodule(owner_name)
-            old = getattr(owner, atom)
-            if isinstance(old, nn.Parameter):
-                setattr(owner, atom, nn.Parameter(tensor.detach().clone(), requires_grad=old.requires_grad))
-            elif atom in owner._buffers:
-                owner._buffers[atom] = tensor.detach().clone()
-            else:
-                setattr(owner, atom, tensor.detach().clone())
 
 
 def _copy(graph_module: fx.GraphModule, share_tensors: bool = False) -> fx.GraphModule:
@@ -292,7 +271,7 @@ def _plan_resize(
     width: int | None,
     keep: Sequence[int] | None,
     example_inputs: tuple[Any, ...] | None,
-) -> tuple[fx.GraphModule, Plan, dict[str, torch.Tensor], dict[str, Any]]:
+) -> tuple[fx.GraphModule, Plan, dict[str, Any]]:
     source = prepare(model, example_inputs, _CALLER)
     layers = LayerIndex(source)
     position = layers.resolve(index)
@@ -310,7 +289,7 @@ def _plan_resize(
     blocks = equal_blocks_of(analysis, root)
     mapping = _start_mapping(found.width, width, keep, blocks, label)
     changes = solve(analysis, root, mapping)
-    plan, tensors = _plan(analysis, changes, label)
+    plan = _plan(analysis, changes, label)
     dropped = found.width - sum(slot is not None for slot in mapping)
     if dropped:
         plan.breaks_function.insert(
@@ -329,7 +308,7 @@ def _plan_resize(
         # From the mapping, not the argument: a generator given as keep= is used up by now.
         "keep": None if keep is None else [int(slot) for slot in mapping if slot is not None],
     }
-    return source, plan, tensors, edit
+    return source, plan, edit
 
 
 def plan_resize(
@@ -390,14 +369,16 @@ def resize(
             listed block by block.
         example_inputs: a tuple of inputs; records shapes (needed unless
             ``model`` was traced with them).
-        inplace: edit ``model`` (a GraphModule) itself; even then a failed
-            call leaves it untouched.
+        inplace: edit ``model`` itself (a plain module gets the edit written
+            back into its own tree and verified, see :func:`fxindex.replace`);
+            even then a failed call leaves it untouched.
         rules: rules in effect for this call only, before the registered ones
             (``{MyLayer: my_rule}``; see :func:`fxindex.rules.using`).
 
     Returns:
-        The rebuilt ``GraphModule``, linted, recompiled and shape-checked;
-        unless ``inplace``, it shares no parameter with ``model``.
+        The rebuilt ``GraphModule``, linted, recompiled and shape-checked
+        (with ``inplace=True`` on a plain module, that module); unless
+        ``inplace``, it shares no parameter with ``model``.
 
     Raises:
         EditError: ``width`` is not a positive int, ``keep=`` is out of range
@@ -419,12 +400,12 @@ def resize(
     """
     with using(rules):
         try:
-            source, plan, tensors, edit = _plan_resize(model, index, width, keep, example_inputs)
+            source, plan, edit = _plan_resize(model, index, width, keep, example_inputs)
             # Install into the caller's GraphModule (or the trace of a plain module), never into a shape view.
             target = model if isinstance(model, fx.GraphModule) else source
             inputs = _check_inputs(source, example_inputs)
             result = _copy(target, share_tensors=inplace)
-            _install(result, plan, tensors)
+            apply_plan(result, plan)
             if inputs is not None:
                 try:
                     record_shapes(result, inputs)
@@ -438,7 +419,7 @@ def resize(
                 return write_back(model, result, plan.edits, example_inputs, caller=_CALLER)
             if inplace:
                 # Checked on the copy: now the same edit, on the caller's module, with the copy's shapes.
-                _install(target, plan, tensors)
+                apply_plan(target, plan)
                 metas = {node.name: node.meta.get("tensor_meta") for node in result.graph.nodes}
                 for node in target.graph.nodes:
                     if metas.get(node.name) is not None:

@@ -30,6 +30,8 @@ than the pass).
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import contextlib
 import math
 import threading
@@ -336,18 +338,9 @@ def find_space_rule(node: fx.Node, module: nn.Module | None) -> RelationRule | N
     Returns:
         The rule, or ``None`` when there is none (the node then blocks what it reads).
     """
-    for table in (*reversed(_space_frames()), _SPACE_RULES):
-        if node.op == "call_module":
-            for cls in type(module).__mro__:
-                if cls in table:
-                    return table[cls]
-        elif node.op in ("call_function", "call_method"):
-            try:
-                if node.target in table:
-                    return table[node.target]
-            except TypeError:  # an unhashable target
-                return None
-    return None
+    from fxindex.rules.registry import lookup_rule
+
+    return lookup_rule((*reversed(_space_frames()), _SPACE_RULES), node, module)
 
 
 # ------------------------------------------------------------------------------- the context
@@ -783,18 +776,11 @@ def _fingerprint(graph_module: fx.GraphModule) -> list[tuple[Any, ...]]:
         held: Any = None
         if node.op in ("call_module", "get_attr"):
             try:
-                held = id(_fetch(graph_module, str(node.target)))
+                held = id(attrgetter(str(node.target))(graph_module))
             except AttributeError:
                 held = None
         fingerprint.append((node, node.op, node.target, node.args, node.kwargs, id(node.meta.get("tensor_meta")), held))
     return fingerprint
-
-
-def _fetch(graph_module: fx.GraphModule, target: str) -> Any:
-    value: Any = graph_module
-    for atom in target.split("."):
-        value = getattr(value, atom)
-    return value
 
 
 def analyze(graph_module: fx.GraphModule) -> SpaceAnalysis:

@@ -61,7 +61,8 @@ __all__ = [
     "has_rule_for_class",
 ]
 
-Mapping = tuple[int | None, ...]
+# New slot -> old slot (None: a new slot); not collections.abc.Mapping, which the per-call tables use.
+Slots = tuple[int | None, ...]
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class ChannelChange:
     dim: int
     rank: int | None
     old_size: int
-    mapping: Mapping
+    mapping: Slots
 
     @property
     def new_size(self) -> int:
@@ -306,7 +307,24 @@ def find_rule(node: fx.Node, module: nn.Module | None) -> Rule | None:
     Returns:
         The rule, or ``None`` when there is none.
     """
-    for table in (*reversed(_override_frames()), _RULES):
+    return lookup_rule((*reversed(_override_frames()), _RULES), node, module)
+
+
+def lookup_rule(tables: Sequence[Mapping[Any, Any]], node: fx.Node, module: nn.Module | None) -> Any:
+    """The first rule for ``node`` in ``tables``: by its module's MRO, its function or its method name.
+
+    The one lookup of both registries (propagation rules here, channel-space
+    rules in :mod:`fxindex.spaces`), each passing its per-call tables first.
+
+    Args:
+        tables: key -> rule tables, searched in order.
+        node: the node.
+        module: its module for a ``call_module`` node, else ``None``.
+
+    Returns:
+        The rule, or ``None`` when no table has one.
+    """
+    for table in tables:
         if node.op == "call_module":
             for cls in type(module).__mro__:
                 if cls in table:
