@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import linecache
 import os
+import threading
 import traceback
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
@@ -112,6 +113,16 @@ def _nearest(cls: type, types: tuple[type, ...]) -> int | None:
     return min(positions) if positions else None
 
 
+# torch.fx's tracer patches ``nn.Module.__call__`` and ``__getattr__`` for the whole
+# process while it runs, and restores whatever it found on the way in. Two traces in
+# two threads at once interleave those saves and restores and can leave one tracer's
+# wrapper installed for good: every later module call in the process then fails with
+# "module is not installed as a submodule". So one trace runs at a time (re-entrant:
+# a leaf's rule may trace), and a tracer passes through module calls and attribute
+# reads made by other threads while it runs (see LeafTracer.call_module).
+_TRACE_LOCK = threading.RLock()
+
+
 class LeafTracer(fx.Tracer):
     """An ``fx.Tracer`` whose leaves can be extended or narrowed by type or qualified name.
 
@@ -157,6 +168,38 @@ class LeafTracer(fx.Tracer):
         self.trace_names = trace_names
         # The innermost non-leaf module whose forward raised: where tracing broke.
         self.failed_module: str | None = None
+        # The thread running trace(): module calls from any other thread are not ours.
+        self._tracing_thread: int | None = None
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        """Trace ``root`` as ``fx.Tracer.trace`` does, one trace at a time in the process.
+
+        Args:
+            root: the module or function to trace.
+            concrete_args: arguments to specialise on, as for ``fx.Tracer.trace``.
+
+        Returns:
+            The traced graph.
+        """
+        with _TRACE_LOCK:
+            outer, self._tracing_thread = self._tracing_thread, threading.get_ident()
+            try:
+                return super().trace(root, concrete_args=concrete_args)
+            finally:
+                self._tracing_thread = outer
+
+    def _other_thread(self) -> bool:
+        # While this tracer's patch is installed, every thread's module calls reach it.
+        return self._tracing_thread is not None and self._tracing_thread != threading.get_ident()
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        """An attribute read during tracing: a proxy for this trace's parameters only.
+
+        Another thread's read (of the same model, maybe) gets the value itself.
+        """
+        if self._other_thread():
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         """Whether ``m`` (at ``module_qualified_name``) stays one ``call_module`` node.
@@ -191,12 +234,17 @@ class LeafTracer(fx.Tracer):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
+        if self._other_thread():
+            return forward(*args, **kwargs)  # a real call in another thread: run it as it is
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             # The first (innermost) module to see the exception is where it happened.
             if self.failed_module is None:
-                self.failed_module = self.path_of_module(m)
+                try:
+                    self.failed_module = self.path_of_module(m)
+                except NameError:  # a module outside the root (called through a closure)
+                    self.failed_module = type(m).__name__
             raise
 
 

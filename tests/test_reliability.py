@@ -578,3 +578,62 @@ def test_share_untouched_shares_exactly_the_tensors_the_edit_does_not_rebuild() 
     assert not torch.equal(gm.get_submodule("0").weight, before)
     with pytest.raises(TypeError, match="share_untouched=True is for copies"):
         fxindex.replace(gm, 3, new, share_untouched=True, inplace=True)
+
+
+def test_traces_in_threads_at_once_leave_torch_as_it_was() -> None:
+    """torch.fx patches ``nn.Module.__call__`` for the process while it traces; overlapping
+    traces used to leave one tracer's wrapper installed, and every later module call failed."""
+    torchvision = pytest.importorskip("torchvision")
+    original_call, original_getattr = nn.Module.__call__, nn.Module.__getattr__
+    model = torchvision.models.resnet18()
+    expected = [node.target for node in fxindex.trace(model).graph.nodes]
+    seen: list[list[Any]] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(2):
+                seen.append([node.target for node in fxindex.trace(model).graph.nodes])
+        except BaseException as error:  # reported below: a thread's exception is otherwise lost
+            errors.append(error)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert errors == []
+    assert (nn.Module.__call__, nn.Module.__getattr__) == (original_call, original_getattr)
+    assert seen == [expected] * 8
+    torch.testing.assert_close(fxindex.trace(chain())(*X), chain()(*X))
+
+
+def test_a_real_forward_in_another_thread_while_a_trace_runs_is_not_traced() -> None:
+    inside, done = threading.Event(), threading.Event()
+
+    class Waits(nn.Module):  # not a leaf: traced through, and holds the trace open
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            inside.set()
+            done.wait(30)
+            return self.fc(x)
+
+    model = nn.Sequential(Waits(), nn.ReLU())
+    traced: list[fx.GraphModule] = []
+    thread = threading.Thread(target=lambda: traced.append(fxindex.trace(model)))
+    thread.start()
+    try:
+        assert inside.wait(30)
+        other = chain()
+        got = other(*X)  # while the trace's patch is installed: runs for real, in this thread
+        assert type(got) is torch.Tensor  # not a Proxy of the other thread's trace
+        (x,) = X
+        reference = torch.relu(x @ other.fc1.weight.T + other.fc1.bias) @ other.fc2.weight.T + other.fc2.bias
+        torch.testing.assert_close(got, reference)
+    finally:
+        done.set()
+        thread.join(60)
+    assert [n.target for n in traced[0].graph.nodes if n.op == "call_module"] == ["0.fc", "1"]
