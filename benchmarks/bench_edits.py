@@ -37,7 +37,7 @@ import torchvision
 from torch import fx, nn
 
 import fxindex
-from fxindex.replace import _plan_edit, apply_plan
+from fxindex._replace import _plan_edit, apply_plan
 
 try:
     import common
@@ -100,7 +100,7 @@ def inplace_ratios(rounds: int) -> list[list[str]]:
     _, widen_plan, _ = _plan_edit("bench", base, "layer4.2.conv2", widened, None, None, True, False)
     removal = copy.deepcopy(base)
     _, remove_plan = _removal_plan(removal, "layer4.2.bn3")
-    from fxindex.speed import CACHE_ATTRIBUTE, _build_lookup, _containers_of
+    from fxindex._speed import CACHE_ATTRIBUTE, _build_lookup, _containers_of
 
     targets = list(dict.fromkeys(str(node.target) for node in base.graph.nodes if node.op == "call_module"))
     containers = _containers_of(targets)
@@ -146,7 +146,7 @@ def inplace_ratios(rounds: int) -> list[list[str]]:
 
 def _removal_plan(gm: fx.GraphModule, name: str):
     """The plan of removing ``name`` (a graph rewrite: a node goes), computed like fxindex.remove does."""
-    from fxindex.propagate import Target, build_plan
+    from fxindex._propagate import Target, build_plan
     from fxindex.rules import Widths, find_widths
 
     layers = fxindex.index(gm)

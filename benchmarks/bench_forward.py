@@ -1,4 +1,4 @@
-"""Forward latency: eager model vs plain torch.fx GraphModule vs fxindex.speed.speed_up.
+"""Forward latency: eager model vs plain torch.fx GraphModule vs fxindex.speed_up.
 
 Models, all at batch 1 on CPU with one thread, under ``torch.no_grad()``:
 
@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 import fxindex
-from fxindex.speed import speed_up
+from fxindex._speed import speed_up
 
 try:  # imported as benchmarks.bench_forward
     from . import common

@@ -8,7 +8,7 @@ group holds all ``N + 1`` producers, the ``N`` consumers and the head.
 Timed, for N = 1,000 / 2,000 / 5,000 layers (trace with shapes done once,
 outside the timed region):
 
-* fxindex: ``fxindex.spaces.analyze`` (the channel-space pass, its cache
+* fxindex: ``fxindex._spaces.analyze`` (the channel-space pass, its cache
   dropped before each repeat) + ``fxindex.group(gm, "stem")``;
 * Torch-Pruning: ``tp.DependencyGraph().build_dependency(model, example_inputs=x)``
   + ``get_pruning_group(model.stem, tp.prune_linear_out_channels, idxs=[0])``.
@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 import fxindex
-from fxindex.group import group
-from fxindex.spaces import _CACHE_ATTRIBUTE, analyze
+from fxindex._group import group
+from fxindex._spaces import _CACHE_ATTRIBUTE, analyze
 
 try:  # imported as benchmarks.bench_groups
     from . import common

@@ -46,7 +46,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 import fxindex
-from fxindex import shapes
+from fxindex import _shapes as shapes
 
 try:  # imported as benchmarks.bench_shapes
     from . import common

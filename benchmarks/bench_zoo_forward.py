@@ -21,7 +21,7 @@ machine; ``--compile-backend`` picks another). A model that fails to compile
 gets a row that says why (``fxindex.bench`` keeps going).
 
 Why: fxindex's rebuilt models are meant to run at eager speed
-(``fxindex.speed.speed_up``); this checks that on real architectures, at the
+(``fxindex.speed_up``); this checks that on real architectures, at the
 two batch sizes where Python overhead matters most and less.
 
 Usage:

@@ -15,8 +15,8 @@ Example:
 from __future__ import annotations
 
 from fxindex import examples
-from fxindex.bench import BenchReport, BenchRow, bench
-from fxindex.errors import (
+from fxindex._bench import BenchReport, BenchRow, SpeedRatio, bench, paired_speed_ratio
+from fxindex._errors import (
     FxIndexError,
     LayerIndexError,
     LayerNameError,
@@ -29,20 +29,20 @@ from fxindex.errors import (
     EditError,
     EditWarning,
 )
-from fxindex.group import ChannelGroup, GroupMember, group, groups
-from fxindex.index import LayerEntry, LayerIndex, LayerRef, index
-from fxindex.io import load, save
-from fxindex.layer_classes import register_layer
-from fxindex.plan import Plan, PlannedEdit
-from fxindex.replace import deferred_codegen, insert, plan, remove, replace
+from fxindex._group import ChannelGroup, GroupMember, group, groups
+from fxindex._index import LayerEntry, LayerIndex, LayerRef, index
+from fxindex._io import load, save
+from fxindex._layer_classes import register_layer
+from fxindex._plan import Plan, PlannedEdit
+from fxindex._replace import deferred_codegen, insert, plan, remove, replace
 from fxindex.rules import register_rule
-from fxindex.recipe import recipe
-from fxindex.resize import plan_resize, resize
-from fxindex.shapes import record_shapes
-from fxindex.spaces import register_space_rule
-from fxindex.speed import is_sped_up, speed_up
-from fxindex.table import table
-from fxindex.trace import trace
+from fxindex._recipe import recipe
+from fxindex._resize import plan_resize, resize
+from fxindex._shapes import record_shapes
+from fxindex._spaces import register_space_rule
+from fxindex._speed import is_sped_up, speed_up
+from fxindex._table import table
+from fxindex._trace import trace
 
 __version__ = "0.1.0"
 
@@ -66,6 +66,7 @@ __all__ = [
     "RegistrationError",
     "ShapeMismatchError",
     "ShapesRequiredError",
+    "SpeedRatio",
     "TraceError",
     "bench",
     "deferred_codegen",
@@ -76,6 +77,7 @@ __all__ = [
     "insert",
     "is_sped_up",
     "load",
+    "paired_speed_ratio",
     "plan",
     "plan_resize",
     "recipe",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fxindex.cli import main
+from fxindex._cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,6 +1,6 @@
 """Helpers the command-line tests share (tests/test_cli.py, test_bad_cli.py, test_output.py).
 
-``run_cli`` runs ``fxindex.cli.main`` in-process; ``one_line_error`` and
+``run_cli`` runs ``fxindex._cli.main`` in-process; ``one_line_error`` and
 ``assert_one_line_error`` check the error contract (status 2, nothing on
 stdout, one ``fxindex: error:`` line on stderr, no traceback);
 ``subprocess_env`` puts this checkout first on the path for ``python -m
@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 
 import fxindex
-from fxindex import cli
+from fxindex import _cli as cli
 
 # The checkout (or install) the tests import, so the subprocesses run the same code.
 PACKAGE_ROOT = str(Path(fxindex.__file__).resolve().parent.parent)
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """Run ``fxindex.cli.main(argv)``; return (status, stdout, stderr)."""
+    """Run ``fxindex._cli.main(argv)``; return (status, stdout, stderr)."""
     status = cli.main(list(argv))
     captured = capsys.readouterr()
     return status, captured.out, captured.err

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 import fxindex
-from fxindex import cli
-from fxindex.spec import SpecError, parse_replacement
+from fxindex import _cli as cli
+from fxindex._spec import SpecError, parse_replacement
 
 from cli_helpers import one_line_error, run_cli, subprocess_env
 
@@ -132,11 +132,11 @@ def test_code_interact_does_not_execute_standard_input(tmp_path: Path) -> None:
     ("spec", "what"),
     [
         # Reached through a module outside the standard library, still defined inside it.
-        ("fxindex:cli.importlib.import_module", "a function of the standard library (importlib)"),
-        ("fxindex:cli.inspect.getsource", "a function of the standard library (inspect)"),
-        ("fxindex:cli.os.system", "a builtin_function_or_method"),
-        ("fxindex:cli.tempfile.mkdtemp", "a function of the standard library (tempfile)"),
-        ("fxindex:cli.argparse.ArgumentParser", "a class (ArgumentParser) that is not an nn.Module subclass"),
+        ("fxindex:_cli.importlib.import_module", "a function of the standard library (importlib)"),
+        ("fxindex:_cli.inspect.getsource", "a function of the standard library (inspect)"),
+        ("fxindex:_cli.os.system", "a builtin_function_or_method"),
+        ("fxindex:_cli.tempfile.mkdtemp", "a function of the standard library (tempfile)"),
+        ("fxindex:_cli.argparse.ArgumentParser", "a class (ArgumentParser) that is not an nn.Module subclass"),
     ],
 )
 def test_standard_library_reached_through_another_module(capsys: pytest.CaptureFixture[str], spec: str, what: str) -> None:
@@ -190,10 +190,10 @@ def test_torch_functions_are_refused(capsys: pytest.CaptureFixture[str], spec: s
 
 def test_fxindex_command_line_is_not_a_factory(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     # Called, main() would read sys.argv and run fxindex again from inside itself.
-    monkeypatch.setattr(sys, "argv", ["fxindex", "show", "fxindex.cli:main"])
-    for spec in ["fxindex.cli:main", "fxindex:cli.main", "fxindex.cli:run_show"]:
+    monkeypatch.setattr(sys, "argv", ["fxindex", "show", "fxindex._cli:main"])
+    for spec in ["fxindex._cli:main", "fxindex:_cli.main", "fxindex._cli:run_show"]:
         line = one_line_error(capsys, "show", spec)
-        assert "a function of fxindex's command line (fxindex.cli)" in line
+        assert "a function of fxindex's command line (fxindex._cli)" in line
 
 
 def test_installed_console_scripts_are_not_factories(

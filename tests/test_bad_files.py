@@ -30,11 +30,11 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 import fxindex
-from fxindex.errors import FxIndexError, RecipeError
-from fxindex.io import MAX_RECIPE_BYTES, RECIPE_FILE, WEIGHTS_FILE, load, read_recipe, save
-from fxindex.layer_classes import LayerClassError, layer_class
-from fxindex.recipe import check_description, describe_layer
-from fxindex.spec import SpecError, parse_layer
+from fxindex._errors import FxIndexError, RecipeError
+from fxindex._io import MAX_RECIPE_BYTES, RECIPE_FILE, WEIGHTS_FILE, load, read_recipe, save
+from fxindex._layer_classes import LayerClassError, layer_class
+from fxindex._recipe import check_description, describe_layer
+from fxindex._spec import SpecError, parse_layer
 
 # --------------------------------------------------------------------------- a model, a save, and checks
 

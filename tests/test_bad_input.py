@@ -24,8 +24,8 @@ import torch
 from torch import fx, nn
 
 import fxindex
-from fxindex import cli
-from fxindex.errors import (
+from fxindex import _cli as cli
+from fxindex._errors import (
     EditError,
     LayerIndexError,
     LayerNameError,
@@ -34,8 +34,8 @@ from fxindex.errors import (
     ShapeMismatchError,
     TraceError,
 )
-from fxindex.io import RECIPE_FILE, WEIGHTS_FILE, load, save
-from fxindex.recipe import describe_layer
+from fxindex._io import RECIPE_FILE, WEIGHTS_FILE, load, save
+from fxindex._recipe import describe_layer
 
 # --------------------------------------------------------------------------- models
 

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 import fxindex
-from fxindex.bench import BenchReport, BenchRow, bench, median_interval, paired_speed_ratio
-from fxindex.bench._timing import interleave
+from fxindex._bench import BenchReport, BenchRow, bench, median_interval, paired_speed_ratio
+from fxindex._bench._timing import interleave
 
 FAST = {"min_run_time": 0.01, "progress": False, "num_threads": 1}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

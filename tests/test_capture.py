@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fxindex
-from fxindex.errors import TraceError
+from fxindex._errors import TraceError
 
 LOOP_LINE = "for _ in range(x.size(0)):"
 

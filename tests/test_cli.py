@@ -1,4 +1,4 @@
-"""Tests of the ``fxindex`` command line (``fxindex.cli.main`` and ``python -m fxindex``)."""
+"""Tests of the ``fxindex`` command line (``fxindex._cli.main`` and ``python -m fxindex``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import fxindex
-from fxindex import cli
+from fxindex import _cli as cli
 
 from cli_helpers import assert_one_line_error, run_cli, subprocess_env
 

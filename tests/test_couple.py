@@ -176,7 +176,7 @@ def test_a_layer_scale_parameter_follows_the_group_and_is_undone_on_failure(monk
     assert torch.equal(result.gamma[:6], model.gamma)
     torch.testing.assert_close(outputs(result, x), outputs(model, x), rtol=1e-5, atol=1e-5)
     # in place, a failure after the tensors are set puts gamma back as well
-    log_class = sys.modules["fxindex.replace"]._ModuleTreeLog
+    log_class = sys.modules["fxindex._replace"]._ModuleTreeLog
     real_set_tensor = log_class.set_tensor
 
     def set_then_fail(self, target: str, value: torch.Tensor) -> None:

@@ -30,8 +30,8 @@ import torch.multiprocessing as mp
 from torch import fx, nn
 
 import fxindex
-from fxindex.io import load, save
-from fxindex.recipe import recipe
+from fxindex._io import load, save
+from fxindex._recipe import recipe
 
 # --------------------------------------------------------------------------- models
 

@@ -32,11 +32,11 @@ from torch import nn
 
 import fxindex
 import fxindex.rules.spaces  # noqa: F401  (the built-in relation rules, registered before any fixture copies the registry)
-from fxindex import layer_classes, spaces
-from fxindex.errors import RecipeError, RegistrationError
-from fxindex.io import load, save
-from fxindex.layer_classes import LayerClassError, layer_class, register_layer
-from fxindex.recipe import describe_layer
+from fxindex import _layer_classes as layer_classes, _spaces as spaces
+from fxindex._errors import RecipeError, RegistrationError
+from fxindex._io import load, save
+from fxindex._layer_classes import LayerClassError, layer_class, register_layer
+from fxindex._recipe import describe_layer
 from fxindex.rules import (
     NodeEdit,
     Outcome,
@@ -51,7 +51,7 @@ from fxindex.rules import (
     using,
 )
 from fxindex.rules import registry as rule_registry
-from fxindex.spec import SpecError, parse_layer
+from fxindex._spec import SpecError, parse_layer
 from models import Chain, assert_unchanged, resized, single_thread, snapshot
 
 timm_layers = pytest.importorskip("timm.layers")

@@ -67,7 +67,7 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 import fxindex
-from fxindex.group import ChannelGroup
+from fxindex._group import ChannelGroup
 from models import graph_fingerprint, hypothesis_profile, randomise_bn, resized, single_thread
 from test_reliability import assert_frozen, frozen
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxindex
-from fxindex.errors import EditError
+from fxindex._errors import EditError
 
 HEADS, HEAD_DIM, WIDTH = 4, 8, 32
 

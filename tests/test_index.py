@@ -12,7 +12,7 @@ import torchvision
 from torch import fx, nn
 
 import fxindex
-from fxindex.errors import LayerIndexError, LayerNameError
+from fxindex._errors import LayerIndexError, LayerNameError
 
 # --------------------------------------------------------------------------- models
 

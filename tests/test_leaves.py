@@ -19,7 +19,7 @@ from torchvision.models.video.resnet import Conv3DSimple
 from torchvision.ops.misc import Conv2dNormActivation
 
 import fxindex
-from fxindex.trace import TRACE_OPTIONS_KEY, torch_layer_base
+from fxindex._trace import TRACE_OPTIONS_KEY, torch_layer_base
 
 
 def call_modules(gm: fx.GraphModule) -> list[tuple[str, type]]:

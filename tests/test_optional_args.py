@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import fxindex
-from fxindex.shapes import NOT_GIVEN_KEY, shapes_recorded
-from fxindex.spaces import has_shapes
+from fxindex._shapes import NOT_GIVEN_KEY, shapes_recorded
+from fxindex._spaces import has_shapes
 
 HAS_TIMM = importlib.util.find_spec("timm") is not None
 

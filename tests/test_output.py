@@ -16,13 +16,13 @@ import torch
 from torch import nn
 
 import fxindex
-from fxindex import cli
-from fxindex.spec import SpecError, parse_layer, parse_replacement
+from fxindex import _cli as cli
+from fxindex._spec import SpecError, parse_layer, parse_replacement
 
 from cli_helpers import one_line_error, run_cli, subprocess_env
 
 # The module, not the function fxindex.table that shadows it on the package.
-table_module = importlib.import_module("fxindex.table")
+table_module = importlib.import_module("fxindex._table")
 
 
 class FakeTerminal(io.StringIO):
@@ -328,7 +328,7 @@ def test_no_cuda_runtime_line_is_filtered(tmp_path: Path) -> None:
     env = subprocess_env(CUDA_HOME=str(tmp_path))
     script = (
         "import logging, sys\n"
-        "from fxindex import cli\n"
+        "from fxindex import _cli as cli\n"
         "if sys.argv[1] == 'quiet':\n"
         "    cli._import_benchmark_quietly()\n"
         "else:\n"

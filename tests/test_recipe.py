@@ -19,9 +19,9 @@ import torch
 from torch import fx, nn
 
 import fxindex
-from fxindex.errors import RecipeError
-from fxindex.io import FORMAT, FORMAT_VERSION, RECIPE_FILE, WEIGHTS_FILE, load, read_recipe, save
-from fxindex.recipe import build_layer, describe_layer, recipe, restore_meta
+from fxindex._errors import RecipeError
+from fxindex._io import FORMAT, FORMAT_VERSION, RECIPE_FILE, WEIGHTS_FILE, load, read_recipe, save
+from fxindex._recipe import build_layer, describe_layer, recipe, restore_meta
 
 # --------------------------------------------------------------------------- models
 

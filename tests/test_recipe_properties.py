@@ -40,9 +40,9 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 import fxindex
-from fxindex.errors import FxIndexError
-from fxindex.io import load, save
-from fxindex.recipe import recipe
+from fxindex._errors import FxIndexError
+from fxindex._io import load, save
+from fxindex._recipe import recipe
 from models import hypothesis_profile
 
 # --------------------------------------------------------------------------- profiles

@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 
 import fxindex
-from fxindex.shapes import TensorMetadata, quiet_fake_errors
+from fxindex._shapes import TensorMetadata, quiet_fake_errors
 
 # --------------------------------------------------------------------------- models and helpers
 
@@ -328,7 +328,7 @@ def test_inplace_install_is_all_or_nothing(monkeypatch: pytest.MonkeyPatch) -> N
     # and a failure after the modules are set (while recompiling) puts them back too
     import sys
 
-    replace_module = sys.modules["fxindex.replace"]  # the module: fxindex.replace is the function
+    replace_module = sys.modules["fxindex._replace"]  # the module: fxindex.replace is the function
 
     def broken_speed_up(module: fx.GraphModule) -> fx.GraphModule:
         raise RuntimeError("injected at recompile")
@@ -513,7 +513,7 @@ def test_a_module_only_swap_keeps_the_generated_code_and_a_deferred_block_genera
     assert tuple(result.graph.find_nodes(op="call_module", target="fc1")[0].meta["tensor_meta"].shape) == (3, 11)
     import sys
 
-    replace_module = sys.modules["fxindex.replace"]
+    replace_module = sys.modules["fxindex._replace"]
     generated: list[fx.GraphModule] = []
     real = replace_module.speed_up
 

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import fxindex
-from fxindex.group import group
-from fxindex.resize import plan_resize, resize
+from fxindex._group import group
+from fxindex._resize import plan_resize, resize
 from models import assert_unchanged, parameter_pointers, single_thread, snapshot
 from test_spaces import (
     BNSubclassNet,

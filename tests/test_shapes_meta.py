@@ -29,7 +29,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 import fxindex
 import zoo
-from fxindex import shapes
+from fxindex import _shapes as shapes
 
 FULL_ZOO = os.environ.get("FXINDEX_FULL_ZOO") == "1"
 
@@ -539,7 +539,7 @@ def test_planning_reruns_touched_nodes_on_meta(monkeypatch: pytest.MonkeyPatch) 
     x = torch.randn(2, 3, 10, 10)
     gm = fxindex.trace(Widenable().eval(), example_inputs=(x,))
     to_fake = _count_calls(monkeypatch, shapes, "meta_to_fake")
-    monkeypatch.setattr("fxindex.propagate.meta_to_fake", shapes.meta_to_fake)
+    monkeypatch.setattr("fxindex._propagate.meta_to_fake", shapes.meta_to_fake)
     copies = _count_calls(monkeypatch, shapes, "_meta_copy")
     new = fxindex.replace(gm, "conv1", nn.Conv2d(3, 12, 3, padding=1), example_inputs=(x,))
     assert to_fake.calls == 0
@@ -559,7 +559,7 @@ def test_planning_falls_back_to_fake_for_a_layer_meta_cannot_run(monkeypatch: py
     x = torch.randn(3, 4)
     gm = fxindex.trace(model, example_inputs=(x,))
     to_fake = _count_calls(monkeypatch, shapes, "meta_to_fake")
-    monkeypatch.setattr("fxindex.propagate.meta_to_fake", shapes.meta_to_fake)
+    monkeypatch.setattr("fxindex._propagate.meta_to_fake", shapes.meta_to_fake)
     new = fxindex.replace(gm, "0", DeviceChecked(4, 6), example_inputs=(x,))
     assert to_fake.calls == 2  # args and kwargs of that one node
     assert tuple(next(n for n in new.graph.nodes if n.op == "output").meta["tensor_meta"].shape) == (3, 2)

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import fxindex
-from fxindex.group import ChannelGroup, group, groups
-from fxindex.spaces import analyze, register_space_rule
+from fxindex._group import ChannelGroup, group, groups
+from fxindex._spaces import analyze, register_space_rule
 from models import single_thread, snapshot, assert_unchanged
 
 

@@ -1,4 +1,4 @@
-"""Tests of fxindex.speed.speed_up: same results as plain fx, everywhere a GraphModule goes.
+"""Tests of fxindex.speed_up: same results as plain fx, everywhere a GraphModule goes.
 
 No timing assertions here: benchmarks/bench_forward.py measures the speed.
 """
@@ -15,7 +15,7 @@ import torchvision
 from torch import fx, nn
 
 import fxindex
-from fxindex.speed import CACHE_ATTRIBUTE, FastLookupCodeGen, is_sped_up, speed_up
+from fxindex._speed import CACHE_ATTRIBUTE, FastLookupCodeGen, is_sped_up, speed_up
 
 # --------------------------------------------------------------------------- models
 

@@ -38,9 +38,9 @@ import torch
 from torch import nn
 
 import fxindex
-from fxindex.errors import FxIndexError
-from fxindex.group import group
-from fxindex.resize import resize
+from fxindex._errors import FxIndexError
+from fxindex._group import group
+from fxindex._resize import resize
 
 tp = pytest.importorskip("torch_pruning")
 timm = pytest.importorskip("timm")

@@ -12,7 +12,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicO
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 import fxindex
-from fxindex.shapes import make_fake_mode
+from fxindex._shapes import make_fake_mode
 
 # --------------------------------------------------------------------------- models
 
@@ -318,7 +318,7 @@ def test_leaf_modules_rejects_what_is_not_a_module_class_or_name(bad_leaf):
 def test_leaf_modules_given_as_a_bare_name_or_type_is_not_silently_ignored(bare):
     """``leaf_modules="encoder"`` (no list) must either work as ``["encoder"]`` or raise TypeError.
 
-    Known bug (fxindex/trace.py, _split_leaves): a bare string is iterated character by
+    Known bug (fxindex/_trace.py, _split_leaves): a bare string is iterated character by
     character, so the leaves become {"e", "n", "c", ...} and nothing happens, silently.
     """
     model, _, _ = _build("net")
@@ -405,7 +405,7 @@ TRAIN_CASES = {
 def test_shape_recording_does_not_modify_the_model(case):
     """Buffers (BatchNorm running stats, num_batches_tracked) and parameters are left as they were.
 
-    Known bug for the real-fallback cases (fxindex/shapes.py, preserving_buffers): BatchNorm's
+    Known bug for the real-fallback cases (fxindex/_shapes.py, preserving_buffers): BatchNorm's
     in-place update of running_mean/running_var does not bump ``_version``, so the
     version check never restores them.
     """
@@ -455,7 +455,7 @@ class DropoutMask(nn.Module):
 def test_shape_recording_does_not_advance_the_global_rng(builder):
     """A shape pass must not change what the next random draw gives (reproducible training).
 
-    Known bug for the real-fallback case (fxindex/shapes.py, record_shapes): the fallback
+    Known bug for the real-fallback case (fxindex/_shapes.py, record_shapes): the fallback
     forward runs Dropout in train mode and consumes the global CPU generator.
     """
     torch.manual_seed(0)

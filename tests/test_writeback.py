@@ -1,4 +1,4 @@
-"""Write-back of an edit to the user's own module (issue 11, point 3): fxindex.writeback.write_back."""
+"""Write-back of an edit to the user's own module (issue 11, point 3): fxindex._writeback.write_back."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fxindex
-from fxindex.writeback import write_back
+from fxindex._writeback import write_back
 
 
 class Gamma(nn.Module):

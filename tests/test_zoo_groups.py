@@ -51,9 +51,9 @@ import zoo
 from torch import fx, nn
 
 import fxindex
-from fxindex.errors import EditError, PropagationError
-from fxindex.group import group
-from fxindex.resize import plan_resize, resize
+from fxindex._errors import EditError, PropagationError
+from fxindex._group import group
+from fxindex._resize import plan_resize, resize
 
 FULL_ZOO = os.environ.get("FXINDEX_FULL_ZOO") == "1"
 

@@ -38,7 +38,7 @@ import zoo
 from torch import nn
 
 import fxindex
-from fxindex.replace import apply_plan
+from fxindex._replace import apply_plan
 
 FULL_SWEEP_PARAMETERS = 30_000_000
 FULL_SWEEP_SITES = 40

@@ -28,7 +28,7 @@ view, permute) and ``reduce`` (mean, sum) for propagation; ``spaces`` for
 the channel-space relations (imported when a group is first analysed).
 """
 
-from fxindex.layer_classes import register_layer
+from fxindex._layer_classes import register_layer
 from fxindex.rules import conv, elementwise, join, linear, norm, recurrent, reduce, reshape  # noqa: F401  (registers)
 from fxindex.rules.rebuild import rebuild
 from fxindex.rules.registry import (
@@ -46,7 +46,7 @@ from fxindex.rules.registry import (
     remap,
     using,
 )
-from fxindex.spaces import (
+from fxindex._spaces import (
     NodeEdit,
     RebuildRequest,
     SlotMapping,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from fxindex.errors import ShapesRequiredError
+from fxindex._errors import ShapesRequiredError
 from fxindex.rules.elementwise import aten_overloads
 from fxindex.rules.registry import ChannelChange, Outcome, Step, argument, register_rule
 

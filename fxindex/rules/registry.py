@@ -21,7 +21,7 @@ layer reads and writes and how wide: it lets replace work on Linear and Conv
 chains from module attributes alone when no shapes were recorded.
 
 A module class with a rule here or a channel-space rule
-(:func:`fxindex.spaces.register_space_rule`) is traced as one layer (a leaf)
+(:func:`fxindex.register_space_rule`) is traced as one layer (a leaf)
 by default, so registering a rule is all a user's layer needs.
 :func:`using` puts rules in effect for one block of code only (a per-call
 override, like ``FlopCounterMode(custom_mapping=...)``): they are consulted
@@ -40,9 +40,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from fxindex import spaces as _spaces
-from fxindex.errors import PropagationError, RegistrationError, ShapesRequiredError
-from fxindex.shapes import TensorMetadata, tensor_meta
+from fxindex import _spaces
+from fxindex._errors import PropagationError, RegistrationError, ShapesRequiredError
+from fxindex._shapes import TensorMetadata, tensor_meta
 
 __all__ = [
     "ChannelChange",

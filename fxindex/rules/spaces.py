@@ -43,7 +43,7 @@ from fxindex.rules.join import _BINARY, CAT_ATEN
 from fxindex.rules.rebuild import rebuild
 from fxindex.rules.registry import argument, remap
 from fxindex.rules.reshape import _shape_arguments, group_dimensions
-from fxindex.spaces import Dims, NodeEdit, RebuildRequest, SlotMapping, SpaceContext, register_space_rule
+from fxindex._spaces import Dims, NodeEdit, RebuildRequest, SlotMapping, SpaceContext, register_space_rule
 
 __all__ = ["relate_get_attr"]
 
@@ -718,7 +718,7 @@ def relate_scaled_dot_product_attention(context: SpaceContext) -> None:
     dims (the heads) are one space in ``q``, ``k``, ``v`` and the output where
     their sizes meet. With ``enable_gqa=True`` the query heads are the key/value
     heads times a repeat factor (query head ``i`` reads key/value head
-    ``i // repeat``), a :class:`~fxindex.spaces.Product`: query heads can go
+    ``i // repeat``), a :class:`~fxindex._spaces.Product`: query heads can go
     in whole groups, or the same number from every group.
     """
     names = ("query", "key", "value")

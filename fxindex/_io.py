@@ -25,7 +25,7 @@ On-disk layout: ``path`` is a directory holding two files::
 - ``"example_inputs"``: ``[{"shape": [1, 3, 64, 64], "dtype": "float32"}, ...]``
   from the graph's placeholders, or ``null``.
 - ``"training"``: whether the saved model was in training mode.
-- ``"edits"``: the list :func:`fxindex.recipe.recipe` returns, each with the
+- ``"edits"``: the list :func:`fxindex.recipe` returns, each with the
   example-input shapes it was made with (``null`` when it had none). A
   replaced layer may carry ``"replaced"``, the description of the layer it
   replaced; loading then checks the fresh model has that layer there.
@@ -48,10 +48,10 @@ that leaves the model passed to :func:`load` as it was:
   uncompressed, as torch.save does; every value must be a dense CPU tensor
   whose data is in the file (no zero-stride views), of the recipe's shape and
   dtype (nothing is cast).
-- Layer class names follow :func:`fxindex.layer_classes.layer_class`, the
+- Layer class names follow :func:`fxindex._layer_classes.layer_class`, the
   rule the command line's ``--replace`` follows too, or name a class of the
   user's own registered in the loading process with
-  :func:`fxindex.layer_classes.register_layer` (nothing is imported).
+  :func:`fxindex.register_layer` (nothing is imported).
 - The edits are first replayed on a meta-device copy of the model, which
   allocates nothing, and checked against the fingerprint; each layer is
   measured on the meta device before it is built, and may not hold more
@@ -85,8 +85,8 @@ from typing import Any, BinaryIO
 import torch
 from torch import fx, nn
 
-from fxindex.errors import RecipeError
-from fxindex.recipe import (
+from fxindex._errors import RecipeError
+from fxindex._recipe import (
     build_layer,
     check_description,
     describe_layer,
@@ -98,8 +98,8 @@ from fxindex.recipe import (
     recipe,
     trace_options,
 )
-from fxindex.shapes import record_shapes
-from fxindex.trace import trace
+from fxindex._shapes import record_shapes
+from fxindex._trace import trace
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "RECIPE_FILE", "WEIGHTS_FILE", "save", "load", "read_recipe"]
 
@@ -209,7 +209,7 @@ def save(model: fx.GraphModule, path: PathLike) -> Path:
 
     Example:
         >>> import tempfile, torch, fxindex
-        >>> from fxindex.io import save, load
+        >>> from fxindex import save, load
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
         >>> wider = fxindex.replace(net, 0, torch.nn.Linear(4, 16))
         >>> folder = save(wider, tempfile.mkdtemp())
@@ -826,7 +826,7 @@ def _check_site(
     graph_module: fx.GraphModule, index: int, target: str, label: str, replaced: dict[str, Any] | None = None
 ) -> None:
     """The layer at ``index`` must be the one the edit was made on (and, when recorded, the layer it replaced)."""
-    from fxindex.index import LayerIndex  # index imports trace, which this module also imports
+    from fxindex._index import LayerIndex  # index imports trace, which this module also imports
 
     layers = LayerIndex(graph_module)
     if index >= len(layers):
@@ -849,7 +849,7 @@ def _check_site(
 
 
 def _replay(graph_module: fx.GraphModule, number: int, edit: dict[str, Any], run: _Replay) -> None:
-    from fxindex.replace import insert, remove, replace  # replace imports recipe; import at call time
+    from fxindex._replace import insert, remove, replace  # replace imports recipe; import at call time
 
     op = edit["op"]
     label = _edit_label(number, edit)
@@ -863,7 +863,7 @@ def _replay(graph_module: fx.GraphModule, number: int, edit: dict[str, Any], run
             couple=edit.get("couple", True), inplace=True,
         )
     elif op == "resize":
-        from fxindex.resize import resize
+        from fxindex._resize import resize
 
         _check_site(graph_module, edit["index"], edit["target"], label)
         resize(graph_module, edit["index"], edit["width"], keep=edit["keep"], inplace=True)
@@ -895,7 +895,7 @@ def _replay_all(
             saved weights, or fails in any way during a real replay.
         _Inconclusive: (dry run only) an edit failed in a way the meta device may cause.
     """
-    from fxindex.index import LayerIndex  # index imports trace, which this module also imports
+    from fxindex._index import LayerIndex  # index imports trace, which this module also imports
 
     edits = document["edits"]
     cap = max(_MIN_EDIT_CAP, 4 * len(LayerIndex(graph_module)))
@@ -1003,7 +1003,7 @@ def load(
 
     Returns:
         The rebuilt ``GraphModule``, whose outputs equal the saved model's;
-        its :func:`fxindex.recipe.recipe` lists the same edits.
+        its :func:`fxindex.recipe` lists the same edits.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or ``example_inputs``
@@ -1017,7 +1017,7 @@ def load(
 
     Example:
         >>> import tempfile, torch, fxindex
-        >>> from fxindex.io import save, load
+        >>> from fxindex import save, load
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
         <torch._C.Generator object at ...>
         >>> model = fxindex.examples.SeedModel().eval()

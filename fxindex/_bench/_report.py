@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fxindex.bench._format import format_bytes, format_float, format_number, format_seconds
-from fxindex.bench._memory import CPU_MEMORY_MEASURE
+from fxindex._bench._format import format_bytes, format_float, format_number, format_seconds
+from fxindex._bench._memory import CPU_MEMORY_MEASURE
 
 __all__ = ["REPORT_FORMAT", "BenchReport", "BenchRow"]
 
@@ -161,7 +161,7 @@ class BenchReport:
 
         Example:
             >>> import torch
-            >>> from fxindex.bench import bench
+            >>> from fxindex import bench
             >>> model = torch.nn.Linear(4, 2)
             >>> report = bench({"a": model, "b": model}, (torch.randn(3, 4),), min_run_time=0.01, progress=False)
             >>> [cell.strip() for cell in report.table(tablefmt="github").splitlines()[0].split("|")[1:4]]
@@ -222,7 +222,7 @@ class BenchReport:
 
     def _repr_html_(self) -> str:
         """The report as HTML, for notebooks."""
-        from fxindex.notebook import text_to_html
+        from fxindex._notebook import text_to_html
 
         return text_to_html(self.table(tablefmt="html"))
 
@@ -312,7 +312,7 @@ class BenchReport:
             ImportError: matplotlib is not installed (``pip install matplotlib``).
             ValueError: no row has a latency to plot.
         """
-        from fxindex.bench._plot import plot_report
+        from fxindex._bench._plot import plot_report
 
         return plot_report(self, path, title=title)
 

@@ -41,10 +41,10 @@ import torch
 from torch import fx, nn
 
 import fxindex
-from fxindex.errors import FxIndexError, ShapeMismatchError
+from fxindex._errors import FxIndexError, ShapeMismatchError
 from fxindex.examples import SeedModel, seed_inputs
-from fxindex.shapes import make_fake_mode, preserving_buffers, quiet_fake_errors, record_shapes
-from fxindex.spec import SpecError, parse_replacement
+from fxindex._shapes import make_fake_mode, preserving_buffers, quiet_fake_errors, record_shapes
+from fxindex._spec import SpecError, parse_replacement
 
 __all__ = [
     "CommandError",
@@ -88,7 +88,7 @@ _MAX_SIZE_DIGITS = 12
 # their functions load files (torch.load), fetch and run code (torch.hub.load) or compile.
 _REFUSED_FUNCTION_PACKAGES = frozenset({"torch"})
 # fxindex's own command line: calling main() from main() would recurse.
-_COMMAND_LINE_MODULES = frozenset({"fxindex.cli", "fxindex.__main__"})
+_COMMAND_LINE_MODULES = frozenset({"fxindex._cli", "fxindex.__main__"})
 
 
 class CommandError(Exception):

@@ -6,7 +6,7 @@ changed tensor asks its rule (see :mod:`fxindex.rules`) how to adapt. When
 shapes are known, each touched node is also re-run on fake tensors with its
 new module or arguments, which both checks the rebuilt graph and yields the
 new shapes; nodes that read nothing changed are never run. The result is a
-:class:`~fxindex.plan.Plan` that ``apply_plan`` installs.
+:class:`~fxindex.Plan` that ``apply_plan`` installs.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ import torch
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 
-from fxindex.errors import EditError, PropagationError, ShapeMismatchError, ShapesRequiredError
-from fxindex.plan import Plan, PlannedEdit
-from fxindex.preserve import compare_layers, own_forward
+from fxindex._errors import EditError, PropagationError, ShapeMismatchError, ShapesRequiredError
+from fxindex._plan import Plan, PlannedEdit
+from fxindex._preserve import compare_layers, own_forward
 from fxindex.rules import ChannelChange, Outcome, Step, Widths, find_rule, find_widths
 from fxindex.rules.registry import describe_target
-from fxindex.shapes import (
+from fxindex._shapes import (
     NOT_GIVEN_KEY,
     MetaConverter,
     MetaUnsupportedError,

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from tabulate import SEPARATING_LINE, tabulate
 from torch import nn
 
-from fxindex.index import LayerEntry, LayerIndex, index
+from fxindex._index import LayerEntry, LayerIndex, index
 
 __all__ = ["table", "PROGRESS_MIN_ROWS"]
 

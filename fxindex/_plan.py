@@ -110,6 +110,6 @@ class Plan:
 
     def _repr_html_(self) -> str:
         """The plan as HTML, for notebooks."""
-        from fxindex.notebook import text_to_html
+        from fxindex._notebook import text_to_html
 
         return text_to_html(self.table(tablefmt="html"))

@@ -2,7 +2,7 @@
 
 A spec is read with Python's ``ast``: the only call allowed is a class of
 ``torch.nn`` by its name, bare or as ``nn.Name`` or ``torch.nn.Name`` (the
-classes :func:`fxindex.layer_classes.layer_class` allows, the same rule
+classes :func:`fxindex._layer_classes.layer_class` allows, the same rule
 recipes follow), and every argument must be a literal (numbers,
 strings, booleans, None, tuples and lists of them). Nothing is evaluated:
 ``__import__('os').system('x')``, attribute chains, lambdas and names outside
@@ -16,8 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from fxindex.errors import FxIndexError
-from fxindex.layer_classes import LayerClassError, layer_class
+from fxindex._errors import FxIndexError
+from fxindex._layer_classes import LayerClassError, layer_class
 
 __all__ = ["SpecError", "parse_layer", "parse_replacement"]
 
@@ -45,7 +45,7 @@ def _class_name(func: ast.expr) -> str | None:
 
     Only these spellings are read: the prefix is matched as text, never
     looked up, and the name itself still goes through
-    :func:`fxindex.layer_classes.layer_class`.
+    :func:`fxindex._layer_classes.layer_class`.
     """
     parts: list[str] = []
     while isinstance(func, ast.Attribute):
@@ -73,7 +73,7 @@ def parse_layer(text: str) -> nn.Module:
             arguments the class refuses.
 
     Example:
-        >>> from fxindex.spec import parse_layer
+        >>> from fxindex._spec import parse_layer
         >>> parse_layer("Conv2d(3, 8, 3, padding=1)")
         Conv2d(3, 8, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
     """
@@ -127,7 +127,7 @@ def parse_replacement(text: str) -> tuple[int | str, nn.Module]:
             bad layer spec.
 
     Example:
-        >>> from fxindex.spec import parse_replacement
+        >>> from fxindex._spec import parse_replacement
         >>> parse_replacement("fc=Linear(512, 10)")
         ('fc', Linear(in_features=512, out_features=10, bias=True))
     """

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import fx
 
-from fxindex.errors import FxIndexError, PropagationError, ShapeMismatchError
-from fxindex.plan import Plan
-from fxindex.propagate import Target, planner_for
-from fxindex.shapes import TensorMetadata, record_shapes_on
+from fxindex._errors import FxIndexError, PropagationError, ShapeMismatchError
+from fxindex._plan import Plan
+from fxindex._propagate import Target, planner_for
+from fxindex._shapes import TensorMetadata, record_shapes_on
 
 __all__ = ["plan_coupled", "zeros_like_recorded"]
 
@@ -66,16 +66,16 @@ def plan_coupled(graph_module: fx.GraphModule, graph: fx.Graph, target: Target, 
             raised again (with the group's reason) when the group cannot help.
 
     Returns:
-        The verified :class:`~fxindex.plan.Plan`, with ``group`` naming the
+        The verified :class:`~fxindex.Plan`, with ``group`` naming the
         producers that change together and ``new_metas`` every node's shape.
 
     Raises:
         PropagationError: the group is blocked, or the change is not one of
             the group's width (``refusal``, with the group's reason added).
     """
-    from fxindex.group import group_of_node
-    from fxindex.resize import _plan as plan_group
-    from fxindex.spaces import analyze, equal_blocks_of, solve, widths_that_work
+    from fxindex._group import group_of_node
+    from fxindex._resize import _plan as plan_group
+    from fxindex._spaces import analyze, equal_blocks_of, solve, widths_that_work
 
     node = target.node
     planner = planner_for(graph_module, [target], graph)
@@ -167,7 +167,7 @@ def _refused(refusal: PropagationError, reason: str) -> PropagationError:
 
 def _verified_shapes(view: fx.GraphModule, planned: Plan, target: Target) -> dict[str, Any]:
     """Install ``planned`` into ``view`` and record every node's shape on fake tensors: the new shapes."""
-    from fxindex.replace import apply_plan
+    from fxindex._replace import apply_plan
 
     inputs = zeros_like_recorded(view)
     for target_name in planned.tensors:

@@ -6,7 +6,7 @@ in order, so the edits can be replayed on a freshly built model (see
 constructor arguments, read back from the module's attributes and checked by
 rebuilding it; a layer that cannot be described that way is recorded with the
 reason, and saving refuses it. A class of the user's own is described the
-same way once it is registered with :func:`fxindex.layer_classes.register_layer`
+same way once it is registered with :func:`fxindex.register_layer`
 (under its registered name, with its own ``describe``/``build`` when given).
 
 Each edit also records the example-input shapes the graph carried when it was
@@ -33,8 +33,8 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.rnn import RNNBase
 
-from fxindex.layer_classes import RegisteredLayer, recipe_layer_class, refusal, registered_layer
-from fxindex.trace import TRACE_OPTIONS_KEY
+from fxindex._layer_classes import RegisteredLayer, recipe_layer_class, refusal, registered_layer
+from fxindex._trace import TRACE_OPTIONS_KEY
 
 __all__ = [
     "RECIPE_KEY",
@@ -156,7 +156,7 @@ def describe_layer(module: nn.Module) -> dict[str, Any]:
     Classes of ``torch.nn`` are described by themselves: their constructor
     arguments are stored as attributes of the same name (``bias`` as a
     parameter, read as a bool). Other classes are described once registered
-    with :func:`fxindex.layer_classes.register_layer`: by its ``describe``
+    with :func:`fxindex.register_layer`: by its ``describe``
     function, or from attributes like torch.nn's, under the registered name.
     The description is verified by building the layer again and comparing
     its class, its repr and the names and shapes of its parameters and
@@ -258,10 +258,10 @@ def check_description(description: Any) -> tuple[type[nn.Module], dict[str, Any]
     """Check a layer description without building it: the class and the constructor arguments.
 
     Nothing in the description is evaluated or imported: ``type`` must be a
-    class :func:`fxindex.layer_classes.layer_class` allows (a public torch.nn
+    class :func:`fxindex._layer_classes.layer_class` allows (a public torch.nn
     layer class, not ``Module``, a container or a lazy layer) or a name
     registered in this process with
-    :func:`fxindex.layer_classes.register_layer`; the arguments must be
+    :func:`fxindex.register_layer`; the arguments must be
     literals.
 
     Args:
@@ -388,7 +388,7 @@ def input_specs(graph_module: fx.GraphModule) -> list[dict[str, Any]] | None:
         placeholder, as fxindex's planner needs all of them to use shapes.
     """
     # Imported here: fxindex.shapes is cheap, but keep this module's import graph flat.
-    from fxindex.shapes import NOT_GIVEN_KEY, tensor_meta
+    from fxindex._shapes import NOT_GIVEN_KEY, tensor_meta
 
     specs: list[dict[str, Any]] = []
     for node in graph_module.graph.find_nodes(op="placeholder"):

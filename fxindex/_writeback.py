@@ -18,7 +18,7 @@ An fxindex edit produces a ``GraphModule``: the model's class, its methods
   with the edited graph's. They differ when the edit needed a graph rewrite
   that the model's Python cannot reflect (a hard-coded ``x.view(-1, 256)``):
   then every module, parameter and buffer is put back (the same objects) and
-  :class:`~fxindex.errors.EditError` names the rewritten nodes and suggests
+  :class:`~fxindex.EditError` names the rewritten nodes and suggests
   ``inplace=False``;
 * a transformers model's config (``intermediate_size``, ``hidden_size``,
   ``num_attention_heads``, ``num_key_value_heads``) follows a uniform edit,
@@ -26,7 +26,7 @@ An fxindex edit produces a ``GraphModule``: the model's class, its methods
   and comparing every state-dict shape, so ``save_pretrained`` /
   ``from_pretrained`` round-trip; an edit the config cannot describe (layers
   of different widths) leaves the config alone and warns
-  (:class:`~fxindex.errors.EditWarning`), pointing to ``fxindex.save``.
+  (:class:`~fxindex.EditWarning`), pointing to ``fxindex.save``.
 
 Nothing is changed when the write-back cannot be verified: without example
 inputs and without recorded input shapes, or when a call site of a module
@@ -45,8 +45,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from fxindex.errors import EditError, EditWarning
-from fxindex.plan import PlannedEdit
+from fxindex._errors import EditError, EditWarning
+from fxindex._plan import PlannedEdit
 
 __all__ = ["write_back"]
 
@@ -142,7 +142,7 @@ def _removed_targets(edited: fx.GraphModule, planned_edits: Sequence[PlannedEdit
     """Qualified names of the layers the edit removed: from the plan, else from the edited graph's recipe."""
     if planned_edits is not None:
         return [edit.target for edit in planned_edits if edit.action == "remove"]
-    from fxindex.recipe import recipe  # edits recorded since the trace, removals among them
+    from fxindex._recipe import recipe  # edits recorded since the trace, removals among them
 
     try:
         return [str(step["target"]) for step in recipe(edited) if step.get("op") == "remove"]
@@ -295,7 +295,7 @@ def _verification_inputs(edited: fx.GraphModule, example_inputs: tuple[Any, ...]
         if not isinstance(example_inputs, tuple):
             raise TypeError(f"{caller}: example_inputs must be a tuple, got {type(example_inputs).__name__}")
         return example_inputs
-    from fxindex.couple import zeros_like_recorded
+    from fxindex._couple import zeros_like_recorded
 
     inputs = zeros_like_recorded(edited)
     if inputs is None:
@@ -318,7 +318,7 @@ def _verification_inputs(edited: fx.GraphModule, example_inputs: tuple[Any, ...]
 @contextlib.contextmanager
 def _as_a_user_runs_it(*modules: nn.Module) -> Iterator[None]:
     """Eval mode, no autograd, the RNG forked, caching of transformers configs off; all undone afterwards."""
-    from fxindex.capture import _caching_off
+    from fxindex._capture import _caching_off
 
     flags = [(module, module.training) for root in modules for module in root.modules()]
     devices = sorted(

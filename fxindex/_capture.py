@@ -46,7 +46,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from fxindex.errors import TraceError
+from fxindex._errors import TraceError
 
 __all__ = ["CAPTURE_KEY", "capture_export", "export_with_marks", "lift", "mark"]
 

@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from fxindex.errors import FxIndexError, RegistrationError
+from fxindex._errors import FxIndexError, RegistrationError
 
 __all__ = [
     "LayerClassError",

@@ -6,10 +6,10 @@ import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from fxindex.bench._format import format_bytes, format_number, time_unit
+from fxindex._bench._format import format_bytes, format_number, time_unit
 
 if TYPE_CHECKING:
-    from fxindex.bench._report import BenchReport, BenchRow
+    from fxindex._bench._report import BenchReport, BenchRow
 
 __all__ = ["plot_report"]
 

@@ -344,7 +344,7 @@ def speed_up(gm: fx.GraphModule) -> fx.GraphModule:
 
     Example:
         >>> import torch, fxindex
-        >>> from fxindex.speed import speed_up
+        >>> from fxindex import speed_up
         >>> model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
         >>> gm = speed_up(fxindex.trace(model))
         >>> x = torch.randn(2, 4)
@@ -384,7 +384,7 @@ def is_sped_up(gm: fx.GraphModule) -> bool:
 
     Example:
         >>> import torch, fxindex
-        >>> from fxindex.speed import is_sped_up, speed_up
+        >>> from fxindex import is_sped_up, speed_up
         >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(2, 2)))
         >>> is_sped_up(gm), is_sped_up(speed_up(gm))
         (False, True)

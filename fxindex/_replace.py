@@ -1,8 +1,8 @@
 """Replace, remove or insert the layer at an execution-order index, propagating shape changes.
 
 Every public function here follows the same three steps: select the call
-sites through the :class:`~fxindex.index.LayerIndex`, compute a
-:class:`~fxindex.plan.Plan` with the read-only propagation pass, then install
+sites through the :class:`~fxindex.LayerIndex`, compute a
+:class:`~fxindex.Plan` with the read-only propagation pass, then install
 it (:func:`apply_plan`: swap modules, rewrite arguments, ``lint``,
 ``recompile``). Planning raises before anything is touched, so a failed call
 leaves the model exactly as it was, ``inplace=True`` included.
@@ -24,17 +24,17 @@ import torch
 from torch import fx, nn
 
 from fxindex.rules.registry import using
-from fxindex.couple import plan_coupled
-from fxindex.errors import EditError, EditWarning, FxIndexError, PropagationError
-from fxindex.index import LayerIndex, as_graph_module
-from fxindex.plan import Plan
-from fxindex.propagate import Target, build_plan
-from fxindex.recipe import describe_layer, record_edit, restore_meta
+from fxindex._couple import plan_coupled
+from fxindex._errors import EditError, EditWarning, FxIndexError, PropagationError
+from fxindex._index import LayerIndex, as_graph_module
+from fxindex._plan import Plan
+from fxindex._propagate import Target, build_plan
+from fxindex._recipe import describe_layer, record_edit, restore_meta
 from fxindex.rules import Widths, find_widths
-from fxindex.shapes import record_shapes_on
-from fxindex.shapes import NOT_GIVEN_KEY
-from fxindex.speed import CACHE_ATTRIBUTE, is_sped_up, speed_up
-from fxindex.writeback import write_back
+from fxindex._shapes import record_shapes_on
+from fxindex._shapes import NOT_GIVEN_KEY
+from fxindex._speed import CACHE_ATTRIBUTE, is_sped_up, speed_up
+from fxindex._writeback import write_back
 
 __all__ = ["replace", "plan", "remove", "insert", "apply_plan", "deferred_codegen"]
 
@@ -371,7 +371,7 @@ def apply_plan(graph_module: fx.GraphModule, plan: Plan, graph: fx.Graph | None 
     are set and the new graph is swapped in. If that fails, every submodule
     and the old graph are put back, so ``graph_module`` is as before.
 
-    The result is recompiled through :func:`~fxindex.speed.speed_up`, so it
+    The result is recompiled through :func:`~fxindex.speed_up`, so it
     runs at eager speed.
 
     A module used by several call sites is replaced under its own name only
@@ -664,7 +664,7 @@ def _install(
 
     ``inplace=True`` on a plain module (not a GraphModule) edits that module
     tree itself: the plan goes into a light copy of its trace, which is then
-    written back and verified (:func:`fxindex.writeback.write_back`).
+    written back and verified (:func:`fxindex._writeback.write_back`).
     """
     if share_untouched and inplace:
         raise TypeError("share_untouched=True is for copies: with inplace=True nothing is copied")
@@ -704,7 +704,7 @@ def plan(
             (``{MyLayer: my_rule}``; see :func:`fxindex.rules.using`).
 
     Returns:
-        A :class:`~fxindex.plan.Plan`: the touched nodes with old and new
+        A :class:`~fxindex.Plan`: the touched nodes with old and new
         modules or arguments, which weights are kept, sliced or new, whether
         the edit preserves the model's function, and output shape changes.
 
@@ -848,7 +848,7 @@ def remove(
     adapted as for :func:`replace`. Several layers are removed in one pass,
     all numbered on the original graph: ``remove(gm, layers.find(nn.Dropout))``.
     A removal that changes the model's output shape warns
-    (:class:`~fxindex.errors.EditWarning`).
+    (:class:`~fxindex.EditWarning`).
 
     Args:
         model: an ``nn.Module`` (traced first) or a ``torch.fx.GraphModule``.
@@ -922,7 +922,7 @@ def insert(
     registered beside the anchor under a new name (``conv1_inserted``).
     Several layers are inserted in one pass with a dict ``{index: new_layer}``,
     all indices numbered on the original graph. An insertion that changes the
-    model's output shape warns (:class:`~fxindex.errors.EditWarning`).
+    model's output shape warns (:class:`~fxindex.EditWarning`).
 
     Args:
         model: an ``nn.Module`` (traced first) or a ``torch.fx.GraphModule``.

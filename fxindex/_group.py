@@ -21,10 +21,10 @@ from tabulate import tabulate
 from torch import fx, nn
 
 from fxindex.rules.registry import using
-from fxindex.errors import EditError, FxIndexError
-from fxindex.index import LayerIndex, as_graph_module
-from fxindex.shapes import record_shapes
-from fxindex.spaces import Block, Member, SpaceAnalysis, analyze, describe_node, equal_blocks_of, widths_that_work
+from fxindex._errors import EditError, FxIndexError
+from fxindex._index import LayerIndex, as_graph_module
+from fxindex._shapes import record_shapes
+from fxindex._spaces import Block, Member, SpaceAnalysis, analyze, describe_node, equal_blocks_of, widths_that_work
 
 __all__ = ["GroupMember", "ChannelGroup", "group", "groups", "group_of_node"]
 
@@ -37,7 +37,14 @@ class GroupMember:
     """One node's role in a group.
 
     Attributes:
-        role: see :class:`fxindex.spaces.Member` (``producer``, ``carrier``...).
+        role: ``"producer"`` (writes the group's channels fresh: Linear/Conv
+            outputs), ``"consumer"`` (reads them and writes others),
+            ``"carrier"`` (per-channel weights: BatchNorm, PReLU, depthwise
+            conv), ``"parameter"`` (a ``get_attr`` tensor along them),
+            ``"join"`` (an elementwise op or ``cat`` that ties them),
+            ``"shape"`` (a shape constant that follows the width),
+            ``"normalizer"`` (mixes values across them: LayerNorm, GroupNorm,
+            softmax) or ``"output"`` (the graph returns them).
         name: the qualified module or parameter name (``layer1.0.conv2``,
             ``gamma``), or the node name for functions and methods.
         node: the fx node name.
@@ -121,7 +128,7 @@ class ChannelGroup:
 
     def _repr_html_(self) -> str:
         """The group as HTML, for notebooks."""
-        from fxindex.notebook import text_to_html
+        from fxindex._notebook import text_to_html
 
         return text_to_html(self.table(tablefmt="html"))
 

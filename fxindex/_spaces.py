@@ -43,8 +43,8 @@ from typing import Any, Union
 import torch
 from torch import fx, nn
 
-from fxindex.errors import EditError, PropagationError, RegistrationError, ShapesRequiredError
-from fxindex.shapes import TensorMetadata, shapes_recorded
+from fxindex._errors import EditError, PropagationError, RegistrationError, ShapesRequiredError
+from fxindex._shapes import TensorMetadata, shapes_recorded
 
 __all__ = [
     "SlotMapping",
@@ -489,7 +489,7 @@ def has_shapes(graph_module: fx.GraphModule) -> bool:
     """Whether shapes are recorded: every placeholder carries ``tensor_meta`` or was not given.
 
     A placeholder marked ``fxindex_not_given`` (see
-    :func:`fxindex.shapes.shapes_recorded`) is an optional argument that the
+    :func:`fxindex._shapes.shapes_recorded`) is an optional argument that the
     example inputs left out (not a tensor); a graph with no placeholder at all
     counts as recorded.
 

@@ -13,11 +13,11 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
-from fxindex.capture import CAPTURE_KEY, EXPORT_INFO_KEY, ExportFailure, capture_export
-from fxindex.errors import TraceError
+from fxindex._capture import CAPTURE_KEY, EXPORT_INFO_KEY, ExportFailure, capture_export
+from fxindex._errors import TraceError
 from fxindex.rules.registry import has_rule_for_class
-from fxindex.shapes import record_shapes
-from fxindex.speed import _fast_codegen_for, speed_up
+from fxindex._shapes import record_shapes
+from fxindex._speed import _fast_codegen_for, speed_up
 
 __all__ = ["trace", "LeafTracer", "TRACE_OPTIONS_KEY", "CAPTURE_KEY", "torch_layer_base"]
 

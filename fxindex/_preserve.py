@@ -25,7 +25,7 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate
 
 from fxindex.rules import ChannelChange
-from fxindex.shapes import TensorMetadata, preserving_buffers
+from fxindex._shapes import TensorMetadata, preserving_buffers
 
 __all__ = ["compare_layers", "MAX_COMPARE_ELEMENTS"]
 

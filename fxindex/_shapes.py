@@ -27,7 +27,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fxindex.errors import FxIndexError, ShapeMismatchError
+from fxindex._errors import FxIndexError, ShapeMismatchError
 
 __all__ = [
     "TensorMetadata",

@@ -10,7 +10,7 @@ consumer reads the new slots, and shape constants downstream (a hard-coded
 The steps are those of :func:`fxindex.replace`: compute the channel spaces
 (cached per graph), plan every node's rebuild without touching the model,
 then install the plan into a deep copy (or the model itself with
-``inplace=True``) with :func:`fxindex.replace.apply_plan`. The rebuilt copy is
+``inplace=True``) with :func:`fxindex._replace.apply_plan`. The rebuilt copy is
 shape-checked on fake tensors before it is returned; with ``inplace=True``
 the check runs on a copy first, so a failed call never modifies the model.
 """
@@ -29,15 +29,15 @@ import torch
 from torch import fx, nn
 
 from fxindex.rules.registry import using
-from fxindex.errors import EditError, FxIndexError, PropagationError, ShapeMismatchError
-from fxindex.group import group_of_node, prepare
-from fxindex.index import LayerIndex
-from fxindex.plan import Plan, PlannedEdit
-from fxindex.preserve import own_forward, verify_rebuilt
-from fxindex.recipe import record_edit, restore_meta
-from fxindex.replace import _as_slots, apply_plan
-from fxindex.shapes import record_shapes
-from fxindex.spaces import (
+from fxindex._errors import EditError, FxIndexError, PropagationError, ShapeMismatchError
+from fxindex._group import group_of_node, prepare
+from fxindex._index import LayerIndex
+from fxindex._plan import Plan, PlannedEdit
+from fxindex._preserve import own_forward, verify_rebuilt
+from fxindex._recipe import record_edit, restore_meta
+from fxindex._replace import _as_slots, apply_plan
+from fxindex._shapes import record_shapes
+from fxindex._spaces import (
     NodeEdit,
     RebuildRequest,
     SlotMapping,
@@ -260,7 +260,7 @@ def _check_inputs(graph_module: fx.GraphModule, example_inputs: tuple[Any, ...] 
     """Inputs to shape-check the result with: the caller's, or zeros shaped like the recorded ones."""
     if example_inputs is not None:
         return example_inputs
-    from fxindex.couple import zeros_like_recorded
+    from fxindex._couple import zeros_like_recorded
 
     return zeros_like_recorded(graph_module)
 
@@ -327,7 +327,7 @@ def plan_resize(
             (``{MyLayer: my_rule}``; see :func:`fxindex.rules.using`).
 
     Returns:
-        A :class:`~fxindex.plan.Plan`; ``print(plan)`` shows it as a table.
+        A :class:`~fxindex.Plan`; ``print(plan)`` shows it as a table.
     """
     with using(rules):
         try:
@@ -413,7 +413,7 @@ def resize(
                     raise PropagationError(f"the resized graph does not run: {error}") from error
             if inplace and not isinstance(model, fx.GraphModule):
                 # A plain module keeps its class and methods: the checked copy is written back into it.
-                from fxindex.writeback import write_back
+                from fxindex._writeback import write_back
 
                 record_edit(result, edit)
                 return write_back(model, result, plan.edits, example_inputs, caller=_CALLER)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from fxindex.bench._stats import SpeedRatio, paired_speed_ratio
+from fxindex._bench._stats import SpeedRatio, paired_speed_ratio
 
 __all__ = ["RowTimes", "Timer", "interleave", "ratio_of"]
 

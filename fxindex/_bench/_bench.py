@@ -11,13 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxindex.bench._measures import compare_outputs, count_flops, parameter_stats
-from fxindex.bench._memory import CPU_MEMORY_MEASURE, CUDA_MEMORY_MEASURE, peak_memory
-from fxindex.bench._prepare import batch_size, clone_inputs, inference, prepare_inputs, prepare_model, reason, validate
-from fxindex.bench._progress import progress_bar
-from fxindex.bench._report import BenchReport, BenchRow
-from fxindex.bench._stats import quartiles
-from fxindex.bench._timing import Timer, interleave, ratio_of
+from fxindex._bench._measures import compare_outputs, count_flops, parameter_stats
+from fxindex._bench._memory import CPU_MEMORY_MEASURE, CUDA_MEMORY_MEASURE, peak_memory
+from fxindex._bench._prepare import batch_size, clone_inputs, inference, prepare_inputs, prepare_model, reason, validate
+from fxindex._bench._progress import progress_bar
+from fxindex._bench._report import BenchReport, BenchRow
+from fxindex._bench._stats import quartiles
+from fxindex._bench._timing import Timer, interleave, ratio_of
 
 __all__ = ["MAX_RELATIVE_IQR", "bench"]
 
@@ -116,7 +116,7 @@ def bench(
 
     Example:
         >>> import torch, fxindex
-        >>> from fxindex.bench import bench  # also fxindex.bench
+        >>> from fxindex import bench
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
         >>> gm = fxindex.trace(model)
         >>> report = bench({"original": model, "traced": gm}, (torch.randn(4, 8),), min_run_time=0.01, progress=False)

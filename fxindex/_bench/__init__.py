@@ -27,10 +27,10 @@ Where each concept lives:
 
 from __future__ import annotations
 
-from fxindex.bench._bench import MAX_RELATIVE_IQR, bench
-from fxindex.bench._memory import CPU_MEMORY_MEASURE, CUDA_MEMORY_MEASURE
-from fxindex.bench._report import REPORT_FORMAT, BenchReport, BenchRow
-from fxindex.bench._stats import SpeedRatio, median_interval, paired_speed_ratio
+from fxindex._bench._bench import MAX_RELATIVE_IQR, bench
+from fxindex._bench._memory import CPU_MEMORY_MEASURE, CUDA_MEMORY_MEASURE
+from fxindex._bench._report import REPORT_FORMAT, BenchReport, BenchRow
+from fxindex._bench._stats import SpeedRatio, median_interval, paired_speed_ratio
 
 __all__ = [
     "CPU_MEMORY_MEASURE",

@@ -10,9 +10,9 @@ from typing import Any, overload
 
 from torch import fx, nn
 
-from fxindex.errors import LayerIndexError, LayerNameError
-from fxindex.shapes import TensorMetadata, record_shapes
-from fxindex.trace import trace
+from fxindex._errors import LayerIndexError, LayerNameError
+from fxindex._shapes import TensorMetadata, record_shapes
+from fxindex._trace import trace
 
 __all__ = ["LayerEntry", "LayerIndex", "LayerRef", "index", "as_graph_module", "count_parameters"]
 
@@ -254,8 +254,8 @@ class LayerIndex(Sequence[LayerEntry]):
 
     def _repr_html_(self) -> str:
         """The index as an HTML table (what :func:`fxindex.table` prints), for notebooks."""
-        from fxindex.notebook import text_to_html
-        from fxindex.table import table
+        from fxindex._notebook import text_to_html
+        from fxindex._table import table
 
         return text_to_html(table(self, tablefmt="html"))
 
