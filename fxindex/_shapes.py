@@ -28,6 +28,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fxindex._errors import FxIndexError, ShapeMismatchError
+from fxindex._progress import Progress, progress_bar
 
 __all__ = [
     "TensorMetadata",
@@ -47,7 +48,14 @@ __all__ = [
     "quiet_fake_errors",
     "NOT_GIVEN_KEY",
     "shapes_recorded",
+    "PROGRESS_MIN_NODES",
+    "PROGRESS_DELAY",
 ]
+
+#: On a terminal, a shape pass over a graph of more than this many nodes shows a progress bar at once.
+PROGRESS_MIN_NODES = 2000
+#: Seconds after which a smaller graph's shape pass shows its bar (one that ends sooner prints nothing).
+PROGRESS_DELAY = 2.0
 
 # ``node.meta[NOT_GIVEN_KEY] = True`` on a placeholder whose argument the example inputs
 # left out: the recorded run saw its default (``None``, ``False``...), not a tensor, so
@@ -576,13 +584,21 @@ class _ShapeRecorder(fx.Interpreter):
     calls ``.numpy()``, which fails on fake tensors) do not run.
     """
 
-    def __init__(self, module: fx.GraphModule, metas: dict[fx.Node, Any], graph: fx.Graph | None = None):
+    def __init__(
+        self,
+        module: fx.GraphModule,
+        metas: dict[fx.Node, Any],
+        graph: fx.Graph | None = None,
+        progress: Progress | None = None,
+    ):
         super().__init__(module, garbage_collect_values=True, graph=graph)
         self.metas = metas
         self.failed_node: fx.Node | None = None
         # Placeholders that got no example input and ran on their default.
         self.not_given: set[fx.Node] = set()
         self._running: fx.Node | None = None
+        # One step per node run; None without a bar, so the usual pass pays one test per node.
+        self._progress = progress if progress is not None and progress.active else None
 
     def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return self.fetch_attr(target).forward(*args, **kwargs)
@@ -615,6 +631,8 @@ class _ShapeRecorder(fx.Interpreter):
         meta = meta_of(result)
         if meta is not None:
             self.metas[n] = meta
+        if self._progress is not None:
+            self._progress.update()
         return result
 
     def compute(self, n: fx.Node) -> Any:
@@ -636,8 +654,15 @@ class _MetaShapeRecorder(_ShapeRecorder):
     tensors, its result copied back to meta for the nodes after it.
     """
 
-    def __init__(self, module: fx.GraphModule, metas: dict[fx.Node, Any], graph: fx.Graph | None, device: torch.device):
-        super().__init__(module, metas, graph)
+    def __init__(
+        self,
+        module: fx.GraphModule,
+        metas: dict[fx.Node, Any],
+        graph: fx.Graph | None,
+        device: torch.device,
+        progress: Progress | None = None,
+    ):
+        super().__init__(module, metas, graph, progress)
         self.converter = MetaConverter()
         # Where the fake re-runs put activations (TensorMetadata has no device).
         self.device = device
@@ -709,6 +734,12 @@ def record_shapes(graph_module: fx.GraphModule, example_inputs: tuple[Any, ...])
     current grad mode gives (except after the real fallback, which runs
     without autograd).
 
+    When stderr is a terminal and tqdm is installed, a progress bar there
+    counts the nodes: at once for a graph of more than
+    ``PROGRESS_MIN_NODES`` (2,000) nodes, for a smaller one only once the pass
+    has taken ``PROGRESS_DELAY`` (2) seconds. It leaves no line behind; off a
+    terminal nothing is printed.
+
     Args:
         graph_module: the traced module; only its nodes' ``meta`` change.
         example_inputs: a tuple of example inputs, one per placeholder.
@@ -729,7 +760,11 @@ def record_shapes(graph_module: fx.GraphModule, example_inputs: tuple[Any, ...])
 
 
 def _record_fast(
-    graph_module: fx.GraphModule, graph: fx.Graph, example_inputs: tuple[Any, ...], metas: dict[fx.Node, Any]
+    graph_module: fx.GraphModule,
+    graph: fx.Graph,
+    example_inputs: tuple[Any, ...],
+    metas: dict[fx.Node, Any],
+    progress: Progress | None = None,
 ) -> set[fx.Node]:
     """Record ``metas`` without real arithmetic: on meta tensors, else (mixed devices, subclasses) on fake ones.
 
@@ -738,6 +773,7 @@ def _record_fast(
         graph: the graph to run (``graph_module.graph`` or a copy of it).
         example_inputs: one value per placeholder.
         metas: filled with node -> metadata.
+        progress: advanced by one per node run.
 
     Returns:
         The placeholders that got no example input.
@@ -752,7 +788,7 @@ def _record_fast(
         except MetaUnsupportedError:
             device = None
     if device is not None:
-        meta_recorder = _MetaShapeRecorder(graph_module, metas, graph, device)
+        meta_recorder = _MetaShapeRecorder(graph_module, metas, graph, device, progress)
         # No buffer guard: the meta run writes only to copies, and the fake re-runs of
         # single layers guard their own. fork_rng: cheap insurance for a custom op that draws.
         with torch.random.fork_rng(devices=[]):
@@ -763,7 +799,7 @@ def _record_fast(
         fake_inputs = tuple(
             mode.from_tensor(value) if isinstance(value, torch.Tensor) else value for value in example_inputs
         )
-        recorder = _ShapeRecorder(graph_module, metas, graph)
+        recorder = _ShapeRecorder(graph_module, metas, graph, progress)
         with mode, quiet_fake_errors():
             recorder.run(*fake_inputs)
         return recorder.not_given
@@ -781,14 +817,36 @@ def record_shapes_on(graph_module: fx.GraphModule, graph: fx.Graph, example_inpu
             f"example_inputs must be a tuple of inputs, got {type(example_inputs).__name__}; "
             "write (x,) for a single input"
         )
+    with _shape_progress(graph) as progress:
+        _record_with_fallback(graph_module, graph, example_inputs, progress)
+
+
+def _shape_progress(graph: fx.Graph) -> Progress:
+    """The bar of one shape pass: on a terminal, at once for a big graph, after :data:`PROGRESS_DELAY` otherwise.
+
+    A pass over a graph of thousands of nodes takes seconds with nothing else
+    to say it is still running. Small graphs take milliseconds: their bar
+    waits, so it appears only if the pass turns out slow (a real-forward
+    fallback, a large model) and never flickers.
+    """
+    total = len(graph.nodes)
+    delay = 0.0 if total > PROGRESS_MIN_NODES else PROGRESS_DELAY
+    return progress_bar(True, total, description="recording shapes", unit="node", delay=delay)
+
+
+def _record_with_fallback(
+    graph_module: fx.GraphModule, graph: fx.Graph, example_inputs: tuple[Any, ...], progress: Progress
+) -> None:
+    """The body of :func:`record_shapes_on`: fake or meta tensors first, one real forward as the fallback."""
     metas: dict[fx.Node, Any] = {}
     not_given: set[fx.Node] = set()
     try:
-        not_given = _record_fast(graph_module, graph, example_inputs, metas)
+        not_given = _record_fast(graph_module, graph, example_inputs, metas, progress)
     except Exception:
         # Data-dependent ops (.item(), nonzero) have neither a meta nor a fake kernel: one real run.
         metas.clear()
-        recorder = _ShapeRecorder(graph_module, metas, graph)
+        progress.restart("recording shapes (real forward)")
+        recorder = _ShapeRecorder(graph_module, metas, graph, progress)
         try:
             # fork_rng: dropout in train mode must not advance the caller's random stream.
             with preserving_buffers(graph_module), torch.no_grad(), torch.random.fork_rng(devices=[]):

@@ -69,6 +69,20 @@ design choices, and why:
   constant comparisons are all things ``torch.compile`` (``fullgraph=True``
   included) and ``torch.export.export`` (strict or not) handle.
 
+What people read
+----------------
+The prologue is machinery, not the model, so ``gm.code``, ``print(gm)`` and
+``gm.print_readable()`` show the code plain torch.fx generates for the graph
+(``self.layer1.conv1(x)`` at each call site). ``gm._code`` stays the code that
+runs (torch.fx compiles ``forward`` from it, pickles it and shows its lines in
+tracebacks). ``code`` is a property on the module's own class (torch.fx makes
+one class per GraphModule) that turns ``_code`` back into torch.fx's text: it
+is a function of ``_code`` alone, so it changes exactly when the generated
+forward does (an edit undone by restoring ``_code`` shows the old text again)
+and costs no second code generation. ``print_readable`` asks the code
+generator for its annotated form (``verbose=True``), which is only printed,
+never run: that form is left as torch.fx writes it.
+
 ``deepcopy`` re-creates the module through ``GraphModule.__init__`` with a
 deep copy of the graph (and of its code generator), so the copy is recompiled
 with its own cache. Editing ``gm.graph`` and calling ``gm.recompile()`` keeps
@@ -84,6 +98,7 @@ warning.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 import warnings
@@ -92,7 +107,7 @@ from typing import Any
 from torch import fx, nn
 from torch.fx.graph import CodeGen, PythonCode
 
-__all__ = ["speed_up", "is_sped_up", "FastLookupCodeGen"]
+__all__ = ["speed_up", "is_sped_up", "FastLookupCodeGen", "plain_code"]
 
 try:  # torch's own formatter, so that the text we look for is exactly what torch emits
     from torch.fx.graph import _format_target as _torch_format_target
@@ -159,6 +174,9 @@ class FastLookupCodeGen(CodeGen):
     """
 
     def _gen_python_code(self, nodes: Any, root_module: str, namespace: Any, **kwargs: Any) -> PythonCode:
+        if kwargs.get("verbose"):
+            # print_readable's annotated code is printed, never run: torch's own text.
+            return super()._gen_python_code(nodes, root_module, namespace, **kwargs)
         graph = getattr(nodes, "graph", None)
         owner = getattr(graph, "owning_module", None)
         node_list = list(nodes)
@@ -178,6 +196,8 @@ class FastLookupCodeGen(CodeGen):
         finally:
             self._body_transformer = previous
 
+        if rewrite.rewritten and isinstance(owner, fx.GraphModule):
+            _show_plain_code(type(owner))
         if rewrite.rewritten and owner is not None:
             # Build the cache now for the module being recompiled, so the first
             # call (and torch.compile's trace) takes the fast branch. If a target
@@ -302,6 +322,116 @@ class _CallSiteRewriter:
         )
 
 
+# --------------------------------------------------------------------------- the code people read
+
+# The first of the lines _CallSiteRewriter._prologue writes, and how many it writes.
+_PROLOGUE_FIRST = re.compile(
+    rf"^(?P<indent>[ \t]*)(?P<cache>_fxindex_lookup\w*) = getattr\((?P<root>\w+), {CACHE_ATTRIBUTE!r}, None\)$",
+    re.MULTILINE,
+)
+_PROLOGUE_LINES = 7
+_MODULE_ITEM = re.compile(r"\.get_submodule\(('[^'\\]*'|\"[^\"\\]*\")\)")
+# A rewritten call site: the assignment's value is a call of one of the locals.
+_LOCAL_CALL = re.compile(r" = (_fxindex_m\w*)\(")
+
+
+@functools.lru_cache(maxsize=64)
+def plain_code(source: str) -> str:
+    """The code plain torch.fx generates, given the code :class:`FastLookupCodeGen` generated for a graph.
+
+    The fast code is torch.fx's with the lookup prologue in front and each
+    rewritten call site calling a local (``_fxindex_m_3(x)``) with the target
+    as a trailing comment. The prologue names the target of every local, so
+    the inverse needs nothing but the text: the prologue is dropped and each
+    call site gets back the expression torch.fx writes (``self.layer1.conv1(x)``).
+    Any other text, torch's own code included, is returned as it is.
+
+    Args:
+        source: a generated ``forward`` (``gm._code``).
+
+    Returns:
+        The same function as torch.fx's default code generator writes it.
+
+    Example:
+        >>> import torch, fxindex
+        >>> from fxindex import speed_up
+        >>> gm = speed_up(torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(2, 2))))
+        >>> "_fxindex_m(input_1)" in gm._code and "self._fxindex" in gm._code
+        True
+        >>> print(plain_code(gm._code).strip())
+        def forward(self, input):
+            input_1 = input
+            _0 = getattr(self, "0")(input_1);  input_1 = None
+            return _0
+    """
+    first = _PROLOGUE_FIRST.search(source)
+    if first is None:
+        return source
+    indent, cache, root = first.group("indent", "cache", "root")
+    head, rest = source[: first.start()], source[first.start() :]
+    lines = rest.split("\n")
+    prologue = lines[:_PROLOGUE_LINES]
+    if len(prologue) < _PROLOGUE_LINES:
+        return source
+    items, unpack = prologue[3], prologue[-1]
+    names_suffix = f", = {cache}[3]"
+    if not items.startswith(f"{indent}    {cache} = (") or not (
+        unpack.startswith(indent) and unpack.endswith(names_suffix)
+    ):
+        return source  # not a prologue this version wrote: show the code that runs
+    local_names = unpack[len(indent) : -len(names_suffix)].split(", ")
+    # The modules tuple is the line's last parenthesised group: get_submodule calls only.
+    targets = [_literal_string(item) for item in _MODULE_ITEM.findall(items)]
+    if len(targets) != len(local_names) or None in targets:
+        return source
+    target_of = dict(zip(local_names, targets))
+    body = lines[_PROLOGUE_LINES:]
+    for position, line in enumerate(body):
+        site = _LOCAL_CALL.search(line) if " = _fxindex_m" in line else None
+        target = target_of.get(site.group(1)) if site is not None else None
+        if site is None or target is None:
+            continue
+        comment = f"  # {target}"
+        end = len(line) - len(comment) if line.endswith(comment) else len(line)
+        body[position] = f"{line[: site.start()]} = {_format_target(root, target)}({line[site.end() : end]}"
+    return head + "\n".join(body)
+
+
+def _literal_string(text: str) -> str | None:
+    """The value of a quoted module name written by ``repr`` (no escapes), or ``None``."""
+    return text[1:-1] if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"" else None
+
+
+def _show_plain_code(cls: type) -> None:
+    """Make ``gm.code`` and ``str(gm)`` of ``cls``'s instances show torch.fx's plain code.
+
+    ``cls`` is the class torch.fx made for one GraphModule (``recompile`` sets
+    its ``forward`` the same way). The code that runs stays ``_code``.
+    """
+    if vars(cls).get("_fxindex_shows_plain_code"):
+        return
+
+    def code(self: fx.GraphModule) -> str:
+        return plain_code(super(cls, self).code)
+
+    code.__doc__ = (
+        "The Python code torch.fx generates for this module's graph (fxindex's fast lookup runs "
+        "instead: ``_code`` is the code that runs)."
+    )
+
+    def __str__(self: fx.GraphModule) -> str:
+        text = super(cls, self).__str__()
+        running = self.__dict__.get("_code")
+        if not running:
+            return text
+        before, found, after = text.rpartition(running)
+        return before + plain_code(running) + after if found else text
+
+    cls.code = property(code)  # type: ignore[attr-defined]
+    cls.__str__ = __str__  # type: ignore[method-assign]
+    cls._fxindex_shows_plain_code = True  # type: ignore[attr-defined]
+
+
 if _PyTreeCodeGen is not None:
 
     class FastLookupPyTreeCodeGen(FastLookupCodeGen, _PyTreeCodeGen):  # type: ignore[misc,valid-type]
@@ -327,7 +457,9 @@ def speed_up(gm: fx.GraphModule) -> fx.GraphModule:
     """Make ``gm``'s forward call its submodules without ``nn.Module.__getattr__``.
 
     In place and idempotent. The outputs, ``state_dict`` keys, parameters and
-    module tree are unchanged; ``deepcopy``, pickling, ``.to()``, ``.half()``,
+    module tree are unchanged, and so is what ``gm.code``, ``print(gm)`` and
+    ``gm.print_readable()`` show (torch.fx's code; ``gm._code`` is the code
+    that runs); ``deepcopy``, pickling, ``.to()``, ``.half()``,
     ``train()``/``eval()``, ``torch.compile``, ``torch.export.export`` and
     further graph edits followed by ``gm.recompile()`` keep working. Nested
     GraphModules (``gm``'s submodules that are GraphModules) are sped up too.
@@ -350,8 +482,10 @@ def speed_up(gm: fx.GraphModule) -> fx.GraphModule:
         >>> x = torch.randn(2, 4)
         >>> torch.equal(gm(x), model(x))
         True
-        >>> print(gm.code.strip().splitlines()[-2])
+        >>> print(gm._code.strip().splitlines()[-2])  # the code that runs
             _0_1 = _fxindex_m_1(_0_0);  _0_0 = None  # 0.1
+        >>> print(gm.code.strip().splitlines()[-2])  # the code people read: torch.fx's
+            _0_1 = getattr(getattr(self, "0"), "1")(_0_0);  _0_0 = None
     """
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"speed_up expects a torch.fx.GraphModule, got {type(gm).__name__}")

@@ -266,9 +266,15 @@ def test_bench_marks_noisy_rows_from_injected_timings(
     assert spread.noisy and "IQR" in spread.noise and spread.latency_iqr == pytest.approx(4e-3)
     assert report.noisy == ["erratic", "spread"]
     assert report.rounds >= 10
-    text = report.table()
+    text = report.table(wide=True)
     assert "2.000 [2.000, 2.000]" in text and "noisy" in text.split("erratic")[1].splitlines()[0]
     assert "noisy: latency IQR" in text
+    # The narrow table marks the noisy rows and says why under the table.
+    narrow = report.table().splitlines()
+    speeds = {line.split()[0]: line.split()[3] for line in narrow[2:6]}
+    assert speeds["steady"] == "2.00" and speeds["erratic"].endswith("*") and speeds["spread"].endswith("*")
+    assert any(line.startswith("erratic: noisy: ") for line in narrow)
+    assert any(line.startswith("spread: noisy: latency IQR") for line in narrow)
     path = tmp_path / "noisy.json"  # type: ignore[operator]
     report.to_json(path)
     assert [row["noisy"] for row in json.loads(path.read_text())["rows"]] == [False, False, True, True]
@@ -357,7 +363,8 @@ def test_baseline_by_name(linear: nn.Linear, x: torch.Tensor) -> None:
     report = bench({"a": linear, "b": copy.deepcopy(linear)}, (x,), baseline="b", **FAST)
     assert report.baseline == "b"
     assert report["b"].speed_ratio == 1.0
-    assert "speed vs b" in report.table()
+    assert "speed vs b" in report.table(wide=True)
+    assert "speed: b time / row time" in report.table()
 
 
 # --------------------------------------------------------------------------- models are not modified
@@ -413,7 +420,8 @@ def test_compile_failure_is_recorded_not_raised(linear: nn.Linear, x: torch.Tens
         assert "no-such-backend" in report[name].error
         assert report[name].latency_median is None
     assert report["b"].latency_median is not None  # the rest of the run went on
-    assert "failed: torch.compile failed" in report.table()
+    assert "failed: torch.compile failed" in report.table(wide=True)
+    assert "b (compiled): failed: torch.compile failed" in report.table()
 
 
 def test_compile_unavailable_is_recorded(monkeypatch: pytest.MonkeyPatch, linear: nn.Linear, x: torch.Tensor) -> None:
@@ -437,7 +445,7 @@ def test_json_round_trip(tmp_path: pytest.TempPathFactory, linear: nn.Linear, x:
     loaded = BenchReport.from_json(path)
     assert loaded == report
     assert BenchReport.from_dict(report.to_dict()) == report
-    assert loaded.table() == report.table()
+    assert loaded.table() == report.table() and loaded.table(wide=True) == report.table(wide=True)
 
 
 def test_json_keeps_infinite_relative_difference(tmp_path: pytest.TempPathFactory) -> None:
@@ -457,10 +465,92 @@ def test_from_dict_rejects_other_data() -> None:
 
 def test_table(linear: nn.Linear, x: torch.Tensor) -> None:
     report = bench({"original": linear, "again": linear}, (x,), **FAST)
-    text = report.table(tablefmt="github")
+    text = report.table(tablefmt="github", wide=True)
     assert text.splitlines()[0].startswith("| model")
     assert "speed vs original (x, >1 faster)" in text
     assert "| again " in text and "1.6k" in text  # 1600 FLOPs
+    narrow = report.table(tablefmt="github")
+    assert narrow.splitlines()[0].startswith("| model") and "| again " in narrow and "1.6k" in narrow
+
+
+def _long_report() -> BenchReport:
+    """Four rows as the command line makes them with --compile, one model name far too long, every kind of note."""
+    long_name = "resnet50 rebuilt with a wider stem and a ten-class head"
+
+    def row(name: str, ratio: float, **fields: object) -> BenchRow:
+        measured: dict[str, object] = {
+            "latency_median": 12.34e-3 / ratio,
+            "latency_q1": 12e-3 / ratio,
+            "latency_q3": 12.9e-3 / ratio,
+            "latency_iqr": 0.9e-3 / ratio,
+            "samples": 40,
+            "throughput": 8 / (12.34e-3 / ratio),
+            "speed_ratio": ratio,
+            "speed_ratio_low": ratio * 0.99,
+            "speed_ratio_high": ratio * 1.01,
+            "num_parameters": 25_557_032,
+            "parameter_bytes": 102_228_128,
+            "flops": 8_214_000_000,
+            "peak_memory_bytes": 999 * 2**20,
+            "max_abs_diff": 1.2345e-06,
+            "max_rel_diff": 3.21e-05,
+        }
+        return BenchRow(name=name, **{**measured, **fields})  # type: ignore[arg-type]
+
+    rows = [
+        row("original", 1.0, max_abs_diff=0.0, max_rel_diff=0.0),
+        row("original (compiled)", 2.345),
+        row(long_name, 0.942, noise="the 95% CI [0.810, 1.120] is wider than ±5% after the time limit",
+            note="an output note long enough to need wrapping when it is printed under the table"),
+        BenchRow(name=f"{long_name} (compiled)", compiled=True, error="torch.compile failed: no-such-backend"),
+    ]
+    return BenchReport(rows=rows, baseline="original", batch_size=8, rounds=12)
+
+
+def test_table_fits_80_columns_and_wide_shows_everything() -> None:
+    report = _long_report()
+    long_name = report.rows[2].name
+    narrow = report.table()
+    assert max(len(line) for line in narrow.splitlines()) <= 80
+    names = [line.split("  ")[0].strip() for line in narrow.splitlines()[2:6]]
+    assert names[:2] == ["original", "original (compiled)"]  # names that fit are kept whole
+    assert all(len(name) <= 19 and "…" in name for name in names[2:])  # the long ones are cut in the middle
+    assert names[2].startswith("resnet50") and names[3].endswith("led)")
+    assert narrow.splitlines()[4].split()[-6] == "0.94*"  # the noisy row's speed
+    # What the columns leave out follows the table under the full name.
+    notes = " ".join(narrow.split("\n", 6)[6].split())
+    assert f"{long_name}: noisy: the 95% CI [0.810, 1.120]" in notes
+    assert f"{long_name}: an output note long enough" in notes
+    assert f"{long_name} (compiled): failed: torch.compile failed: no-such-backend" in notes
+    wide = report.table(wide=True)
+    assert max(len(line) for line in wide.splitlines()) > 80
+    header = wide.splitlines()[0]
+    columns = ("latency median", "IQR", "samples/s", "[95% CI]", "param bytes", "peak memory", "max rel diff", "note")
+    assert [column for column in columns if column not in header] == []
+    assert long_name in wide and "0.942 [0.933, 0.951] noisy" in wide and "97.5 MiB" in wide
+
+
+def test_table_fits_80_columns_in_other_text_formats() -> None:
+    report = _long_report()
+    for tablefmt in ("plain", "simple", "github"):
+        text = report.table(tablefmt=tablefmt)
+        table_lines = text.splitlines()[: 6 if tablefmt != "plain" else 5]
+        # Only the name column gives way (down to 8 characters): github's borders take it to 9 here.
+        assert max(len(line) for line in table_lines) <= 80, tablefmt
+    html = report.table(tablefmt="html")
+    assert report.rows[2].name in html  # markup is not fitted to a terminal: names stay whole
+
+
+def test_command_line_bench_wide(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from fxindex import _cli as cli
+
+    report = _long_report()
+    monkeypatch.setattr(fxindex, "bench", lambda *args, **kwargs: report)
+    command = ["bench", "fxindex:examples.SeedModel", "--input", "2x3x28x28", "--min-run-time", "0.01"]
+    assert cli.main(command) == 0
+    assert capsys.readouterr().out == report.table() + "\n"
+    assert cli.main([*command, "--wide"]) == 0
+    assert capsys.readouterr().out == report.table(wide=True) + "\n"
 
 
 def _panels_and_size(path: object) -> tuple[int, tuple[int, int]]:

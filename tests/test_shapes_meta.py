@@ -91,6 +91,9 @@ class _Spy:
         self.recorders: list[Any] = []
         self.calls = 0
         self.first_arguments: list[int] = []  # id() of each call's first argument
+        # The arguments themselves, kept alive: a freed temporary's id() is reused by the
+        # next one, and two different tensors would count as one given twice.
+        self.kept: list[Any] = []
 
     def times_given(self, value: object) -> int:
         return self.first_arguments.count(id(value))
@@ -120,6 +123,7 @@ def _count_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> _Sp
         spy.calls += 1
         if args:
             spy.first_arguments.append(id(args[0]))
+            spy.kept.append(args[0])
         return original(*args, **kwargs)
 
     monkeypatch.setattr(module, name, counted)

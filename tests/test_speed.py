@@ -6,6 +6,7 @@ No timing assertions here: benchmarks/bench_forward.py measures the speed.
 from __future__ import annotations
 
 import copy
+import io
 import pickle
 import warnings
 
@@ -72,9 +73,20 @@ def _fast(model: nn.Module) -> fx.GraphModule:
 
 
 def _call_lines(gm: fx.GraphModule) -> list[str]:
-    """Lines of the generated forward that call a submodule, found by the target comment."""
+    """Lines of the forward that runs (``_code``) that call a submodule, found by the target comment."""
     targets = {node.target for node in gm.graph.nodes if node.op == "call_module"}
-    return [line for line in gm.code.splitlines() if line.rsplit("# ", 1)[-1].strip() in targets]
+    return [line for line in gm._code.splitlines() if line.rsplit("# ", 1)[-1].strip() in targets]
+
+
+def _plain_twin(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule of a copy of ``gm``'s graph with torch's own code generator (pytree info kept)."""
+    graph = copy.deepcopy(gm.graph)
+    fast = graph._codegen
+    base = next(cls for cls in type(fast).__mro__ if not issubclass(cls, FastLookupCodeGen))
+    plain = base.__new__(base)
+    plain.__dict__.update(fast.__dict__)
+    graph.set_codegen(plain)
+    return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
 
 
 # --------------------------------------------------------------------------- same results
@@ -273,9 +285,116 @@ def test_retrace_of_sped_up_module(tiny: TinyResNet) -> None:
     ]
 
 
-def test_print_readable_names_the_layers(tiny: TinyResNet) -> None:
-    text = _fast(tiny).print_readable(print_output=False)
-    assert "# stages.0.1.conv" in text
+def test_print_readable_is_torch_fx_s(tiny: TinyResNet) -> None:
+    fast = _fast(tiny)
+    text = fast.print_readable(print_output=False)
+    assert text == _plain_twin(fast).print_readable(print_output=False)
+    assert 'getattr(getattr(self.stages, "0"), "1").conv(' in text and "_fxindex" not in text
+    assert "_fxindex_m" in fast._code  # printing did not change what runs
+
+
+# --------------------------------------------------------------------------- the code people read
+
+
+class NameClash(nn.Module):
+    """Layers named like the generated code's own locals: the names torch gives nodes must survive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_module("_fxindex_m", nn.Linear(8, 8))
+        self.add_module("_fxindex_lookup", nn.Sequential(nn.ReLU(), nn.Linear(8, 8)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, "_fxindex_lookup")(getattr(self, "_fxindex_m")(x))
+
+
+def _unregistered() -> fx.GraphModule:
+    gm = fxindex.trace(nested_linears(1, layers=3))
+    del gm._modules["1"]
+    object.__setattr__(gm, "1", nn.Linear(8, 8))  # not a registered child: keeps torch's lookup
+    return speed_up(gm)
+
+
+def _pytree() -> fx.GraphModule:
+    return speed_up(fx.symbolic_trace(DictInput(), concrete_args={"inputs": {"x": fx.PH, "y": fx.PH}}))
+
+
+CODE_CASES = {
+    "tiny resnet": lambda: _fast(TinyResNet()),
+    "nested 4 deep": lambda: _fast(nested_linears(4, layers=3)),
+    "name clash": lambda: _fast(NameClash()),
+    "partly rewritten": _unregistered,
+    "pytree": _pytree,
+    "resnet18": lambda: _fast(torchvision.models.resnet18()),
+}
+
+
+@pytest.mark.parametrize("case", list(CODE_CASES))
+def test_code_is_what_torch_fx_generates(case: str) -> None:
+    gm = CODE_CASES[case]()
+    assert is_sped_up(gm) and "= _fxindex_m" in gm._code  # the fast forward is the one that runs
+    assert gm.code == _plain_twin(gm).code
+    assert "_fxindex_fast_lookup" not in gm.code and " = _fxindex_m" not in gm.code
+
+
+def test_nested_graph_module_code_is_torch_fx_s() -> None:
+    outer = speed_up(fxindex.trace(nn.Sequential(fxindex.trace(nested_linears(2, layers=2)), nn.ReLU()),
+                                   leaf_modules=[fx.GraphModule]))
+    inner = outer.get_submodule("0")
+    assert is_sped_up(inner) and "= _fxindex_m" in inner._code
+    assert inner.code == _plain_twin(inner).code and outer.code == _plain_twin(outer).code
+
+
+def test_print_shows_the_plain_code(tiny: TinyResNet, capsys: pytest.CaptureFixture[str]) -> None:
+    fast = _fast(tiny)
+    print(fast)
+    out = capsys.readouterr().out
+    assert fast.code in out and "_fxindex" not in out
+    assert out.startswith("TinyResNet(") and "print_readable()" in out.splitlines()[-1]
+
+
+def test_the_fast_forward_still_skips_module_getattr(tiny: TinyResNet, monkeypatch: pytest.MonkeyPatch) -> None:
+    fast = _fast(tiny)
+    assert "self.stem(" in fast.code  # what is shown ...
+    twin = _plain_twin(fast)
+    looked_up: list[str] = []
+    module_getattr = nn.Module.__getattr__
+
+    def spy(self: nn.Module, name: str) -> object:
+        looked_up.append(name)
+        return module_getattr(self, name)
+
+    monkeypatch.setattr(nn.Module, "__getattr__", spy)
+    children = {name.rsplit(".", 1)[-1] for name, _ in fast.named_modules() if name}
+    (x,) = _inputs_for(tiny)
+    with torch.no_grad():
+        expected = twin(x)
+        assert children <= set(looked_up)  # plain fx looks every layer up on every call ...
+        looked_up.clear()
+        assert torch.equal(fast(x), expected)
+    assert looked_up and not children & set(looked_up)  # ... the forward that runs looks up none
+
+
+def test_code_survives_copies_pickles_and_edits(tiny: TinyResNet) -> None:
+    fast = _fast(tiny)
+    code = fast.code
+    assert copy.deepcopy(fast).code == code and copy.copy(fast).code == code
+    loaded = pickle.loads(pickle.dumps(fast))  # re-traced from the fast code: the same graph
+    assert not is_sped_up(loaded) and loaded.code == code
+    assert speed_up(loaded).code == code
+    buffer = io.BytesIO()
+    torch.save(fast, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=False).code == code
+    # An edit regenerates both codes; recompiling with nothing changed shows the same text.
+    rebuilt = fxindex.replace(fast, "head.fc", nn.Linear(4, 5))
+    assert is_sped_up(rebuilt) and rebuilt.code == _plain_twin(rebuilt).code and "_fxindex" not in rebuilt.code
+    fast.recompile()
+    assert fast.code == code and fast.code != fast._code
+    # Back on torch's code generator, the code shown is the code that runs.
+    fast.graph.set_codegen(torch.fx.graph.CodeGen())
+    fast.recompile()
+    assert fast.code == fast._code == code
 
 
 # --------------------------------------------------------------------------- edits
@@ -294,6 +413,7 @@ def test_graph_edit_then_recompile(tiny: TinyResNet) -> None:
         assert not torch.equal(expected, tiny(x))
         assert torch.equal(fast(x), expected)
     assert is_sped_up(fast)
+    assert "torch.relu(stem)" in fast.code and fast.code == _plain_twin(fast).code
 
 
 def test_add_submodule_then_recompile(tiny: TinyResNet) -> None:
@@ -446,13 +566,13 @@ def test_unknown_codegen_is_left_alone_with_a_warning() -> None:
     with pytest.warns(UserWarning, match="OtherCodeGen"):
         speed_up(gm)
     assert not is_sped_up(gm)
-    assert "_fxindex_lookup" not in gm.code
+    assert "_fxindex_lookup" not in gm._code
 
 
 def test_graph_without_call_modules() -> None:
     gm = fx.symbolic_trace(lambda x: x * 2)
     speed_up(gm)
-    assert "_fxindex_lookup" not in gm.code
+    assert "_fxindex_lookup" not in gm._code
     assert torch.equal(gm(torch.ones(2)), torch.full((2,), 2.0))
 
 
@@ -464,7 +584,7 @@ def test_unregistered_module_keeps_torch_lookup() -> None:
     del gm._modules["1"]
     object.__setattr__(gm, "1", hidden)
     speed_up(gm)
-    lines = gm.code.splitlines()
+    lines = gm._code.splitlines()
     assert any('getattr(self, "1")(' in line for line in lines)  # torch's lookup, still correct
     assert any("= _fxindex_m(" in line for line in lines)  # the registered one is rewritten
     (x,) = _inputs_for(model)

@@ -21,8 +21,9 @@ Where each concept lives:
 - ``_measures.py``: parameters, FLOPs and output differences;
 - ``_prepare.py``: argument checks, model and input preparation;
 - ``_report.py``: :class:`BenchRow`, :class:`BenchReport` (table, HTML, JSON);
-- ``_plot.py``: :meth:`BenchReport.plot`; ``_format.py``: number formatting;
-- ``_progress.py``: the progress bar.
+- ``_plot.py``: :meth:`BenchReport.plot`; ``_format.py``: number formatting.
+
+The progress bar is ``fxindex/_progress.py``, shared with the shape pass.
 """
 
 from __future__ import annotations

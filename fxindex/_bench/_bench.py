@@ -14,7 +14,7 @@ from torch import nn
 from fxindex._bench._measures import compare_outputs, count_flops, parameter_stats
 from fxindex._bench._memory import CPU_MEMORY_MEASURE, CUDA_MEMORY_MEASURE, peak_memory
 from fxindex._bench._prepare import batch_size, clone_inputs, inference, prepare_inputs, prepare_model, reason, validate
-from fxindex._bench._progress import progress_bar
+from fxindex._progress import progress_bar
 from fxindex._bench._report import BenchReport, BenchRow
 from fxindex._bench._stats import quartiles
 from fxindex._bench._timing import Timer, interleave, ratio_of

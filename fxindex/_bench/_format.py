@@ -48,7 +48,8 @@ def format_number(value: float | None) -> str:
     if value is None:
         return "-"
     for limit, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= limit:
+        # From where three digits round up to 1000: 999.7k is 1M, never "1e+03k".
+        if abs(value) >= limit * 0.9995:
             return f"{value / limit:.3g}{suffix}"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -66,7 +67,9 @@ def format_bytes(value: int | None) -> str:
         return "-"
     for limit, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
         if value >= limit:
-            return f"{value / limit:.3g} {suffix}"
+            scaled = value / limit
+            # 1000 to 1023 of a unit: four digits, not "1.02e+03".
+            return f"{scaled:.3g} {suffix}" if scaled < 999.5 else f"{scaled:.0f} {suffix}"
     return f"{value} B"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +13,14 @@ from typing import Any
 from fxindex._bench._format import format_bytes, format_float, format_number, format_seconds
 from fxindex._bench._memory import CPU_MEMORY_MEASURE
 
-__all__ = ["REPORT_FORMAT", "BenchReport", "BenchRow"]
+__all__ = ["REPORT_FORMAT", "TABLE_WIDTH", "BenchReport", "BenchRow"]
+
+#: The width :meth:`BenchReport.table` keeps to unless ``wide=True``: a terminal's default.
+TABLE_WIDTH = 80
+# A model name is never cut shorter than this, whatever the other columns need.
+_MIN_NAME_WIDTH = 8
+# Table formats whose lines are markup, not what a terminal shows: not fitted to a width.
+_MARKUP_FORMATS = ("html", "unsafehtml", "latex", "mediawiki", "moinmoin", "jira", "textile", "asciidoc")
 
 #: Format version of :meth:`BenchReport.to_dict`; bumped on incompatible changes.
 #: (Fields added since, with defaults, are read by older code that ignores them.)
@@ -148,16 +156,29 @@ class BenchReport:
 
     # ----------------------------------------------------------------- table
 
-    def table(self, **tabulate_kwargs: Any) -> str:
-        """The report as a text table (``tabulate``).
+    def table(self, *, wide: bool = False, **tabulate_kwargs: Any) -> str:
+        """The report as a text table (``tabulate``), 80 columns wide unless ``wide``.
+
+        By default the table keeps what decides a comparison and fits an
+        80-column terminal: latency median, the speed ratio (``*`` marks a
+        noisy row), parameters, FLOPs, peak memory and the largest absolute
+        output difference. Model names too long to fit (over 19 characters)
+        are shortened in the middle (``…``); notes, failures and why a row is
+        noisy follow the table, one per line, under the full name. Lines
+        after the table are wrapped at 80 columns. ``wide=True`` shows every
+        column, with long headers: also the latency IQR, throughput, the
+        ratio's confidence interval, parameter bytes, the relative
+        difference and the notes.
 
         Args:
+            wide: every column, in full.
             **tabulate_kwargs: passed to ``tabulate.tabulate`` (e.g.
                 ``tablefmt="github"``); ``headers`` replaces the column names.
 
         Returns:
-            The table, with a last line saying how to read the speed ratio.
-            A noisy row's speed cell ends in ``noisy`` and its note says why.
+            The table, then (by default) the notes, then lines saying how to
+            read the speed ratio. A noisy row's speed cell ends in ``noisy``
+            (``*`` by default) and its note says why.
 
         Example:
             >>> import torch
@@ -165,8 +186,18 @@ class BenchReport:
             >>> model = torch.nn.Linear(4, 2)
             >>> report = bench({"a": model, "b": model}, (torch.randn(3, 4),), min_run_time=0.01, progress=False)
             >>> [cell.strip() for cell in report.table(tablefmt="github").splitlines()[0].split("|")[1:4]]
+            ['model', 'latency', 'speed']
+            >>> [cell.strip() for cell in report.table(wide=True, tablefmt="github").splitlines()[0].split("|")[1:4]]
             ['model', 'latency median', 'IQR']
+            >>> max(len(line) for line in report.table().splitlines()) <= 80
+            True
         """
+        if wide:
+            return self._wide_table(tabulate_kwargs)
+        return self._narrow_table(tabulate_kwargs)
+
+    def _wide_table(self, tabulate_kwargs: dict[str, Any]) -> str:
+        """Every column, long headers, notes in the last column."""
         from tabulate import tabulate
 
         percent = f"{self.confidence:.0%}"
@@ -189,7 +220,6 @@ class BenchReport:
             if row.error is not None:
                 body.append([row.name] + ["-"] * 10 + [f"failed: {row.error}"])
                 continue
-            notes = [text for text in (row.noise and f"noisy: {row.noise}", row.note) if text]
             body.append(
                 [
                     row.name,
@@ -203,7 +233,7 @@ class BenchReport:
                     format_bytes(row.peak_memory_bytes),
                     format_float(row.max_abs_diff),
                     format_float(row.max_rel_diff),
-                    "; ".join(notes),
+                    "; ".join(_notes_of(row)),
                 ]
             )
         tabulate_kwargs.setdefault("headers", headers)
@@ -216,6 +246,64 @@ class BenchReport:
             f"noisy = {percent} CI wider than ±{self.ratio_tolerance:.0%} or IQR over half the median"
         )
         return f"{text}\n{footer}"
+
+    def _narrow_table(self, tabulate_kwargs: dict[str, Any]) -> str:
+        """The columns that decide a comparison, names shortened to fit :data:`TABLE_WIDTH`; notes below."""
+        from tabulate import tabulate
+
+        # Header and cell widths are counted so that names of 19 characters ("original (compiled)")
+        # fit: tabulate pads each header by 2, so the headers are as short as their cells.
+        headers = ["model", "latency", "speed", "params", "FLOPs", "memory", "max diff"]
+        cells: list[list[str]] = []
+        for row in self.rows:
+            if row.error is not None:
+                cells.append(["failed"] + ["-"] * 5)
+                continue
+            cells.append(
+                [
+                    format_seconds(row.latency_median),
+                    _format_ratio(row, narrow=True),
+                    format_number(row.num_parameters),
+                    format_number(row.flops),
+                    format_bytes(row.peak_memory_bytes),
+                    format_float(row.max_abs_diff),
+                ]
+            )
+        tabulate_kwargs.setdefault("headers", headers)
+        tabulate_kwargs.setdefault("disable_numparse", True)
+        text_format = not str(tabulate_kwargs.get("tablefmt", "simple")).startswith(_MARKUP_FORMATS)
+
+        def render(limit: int | None) -> str:
+            names = [row.name if limit is None else _shorten(row.name, limit) for row in self.rows]
+            return tabulate([[name, *row] for name, row in zip(names, cells)], **tabulate_kwargs)
+
+        text = render(None)
+        longest = max((len(row.name) for row in self.rows), default=0)
+        excess = max((len(line) for line in text.splitlines()), default=0) - TABLE_WIDTH
+        if text_format and excess > 0 and longest > _MIN_NAME_WIDTH:
+            # Only the name column can give way: every other cell is a short number.
+            text = render(max(_MIN_NAME_WIDTH, longest - excess))
+
+        percent = f"{self.confidence:.0%}"
+        notes = [
+            f"{row.name}: {note}"
+            for row in self.rows
+            for note in ([f"failed: {row.error}"] if row.error is not None else _notes_of(row))
+        ]
+        dtype = f", {self.dtype}" if self.dtype else ""
+        footer = [
+            f"speed: {self.baseline} time / row time (>1 faster), median of {self.rounds} interleaved rounds",
+            f"*: noisy, {percent} CI wider than ±{self.ratio_tolerance:.0%} or IQR over half the median; "
+            f"latency: median; memory: peak; max diff: largest |output - {self.baseline} output|",
+            f"device {self.device}{dtype}, batch {self.batch_size}, {self.num_threads} thread(s), eval + no_grad; "
+            "wide=True (--wide) adds IQR, CI, samples/s, param bytes, max rel diff",
+        ]
+        lines = [text]
+        for paragraph in ([*notes, *footer] if text_format else []):
+            lines.extend(textwrap.wrap(paragraph, TABLE_WIDTH, subsequent_indent="  ", break_on_hyphens=False))
+        if not text_format:
+            lines.extend([*notes, *footer])
+        return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.table()
@@ -317,10 +405,26 @@ class BenchReport:
         return plot_report(self, path, title=title)
 
 
-def _format_ratio(row: BenchRow) -> str:
+def _format_ratio(row: BenchRow, narrow: bool = False) -> str:
+    """``1.023 [0.998, 1.051] noisy``, or ``1.02*`` for the narrow table."""
     if row.speed_ratio is None:
         return "-"
+    if narrow:
+        return f"{row.speed_ratio:.2f}" + ("*" if row.noisy else "")
     text = f"{row.speed_ratio:.3f}"
     if row.speed_ratio_low is not None and row.speed_ratio_high is not None:
         text += f" [{row.speed_ratio_low:.3f}, {row.speed_ratio_high:.3f}]"
     return f"{text} noisy" if row.noisy else text
+
+
+def _notes_of(row: BenchRow) -> list[str]:
+    """Why the row is noisy, then its note: the texts the table shows beside or under it."""
+    return [text for text in (row.noise and f"noisy: {row.noise}", row.note) if text]
+
+
+def _shorten(name: str, limit: int) -> str:
+    """``name`` in at most ``limit`` characters: its start and end around ``…`` (the end says "(compiled)")."""
+    if len(name) <= limit:
+        return name
+    tail = (limit - 1) // 3
+    return name[: limit - 1 - tail] + "…" + (name[-tail:] if tail else "")
