@@ -44,7 +44,7 @@ import fxindex
 from fxindex._errors import FxIndexError, ShapeMismatchError
 from fxindex.examples import SeedModel, seed_inputs
 from fxindex._shapes import make_fake_mode, preserving_buffers, quiet_fake_errors, record_shapes
-from fxindex._spec import SpecError, parse_replacement
+from fxindex._spec import SpecError, build_from_text, parse_replacement
 
 __all__ = [
     "CommandError",
@@ -1009,9 +1009,11 @@ def _parse_replacements(texts: Sequence[str]) -> dict[int | str, nn.Module]:
     replacements: dict[int | str, nn.Module] = {}
     for text in texts:
         try:
-            # On the meta device first: Linear(100000, 100000) costs nothing there and 40 GB for real.
-            with torch.device("meta"):
-                key, sized = parse_replacement(text)
+            key, spec = parse_replacement(text)
+            layer_text = text.partition("=")[2]
+            # On the meta device first: Linear(100000, 100000) costs nothing there and 40 GB for real
+            # (a spec cannot name a device of its own, so it is built on meta).
+            sized = build_from_text(spec, layer_text, device="meta")
             elements = sum(tensor.numel() for tensor in (*sized.parameters(), *sized.buffers()))
             if elements > MAX_LAYER_ELEMENTS:
                 raise CommandError(
@@ -1020,7 +1022,7 @@ def _parse_replacements(texts: Sequence[str]) -> dict[int | str, nn.Module]:
                 )
             if key in replacements:
                 raise CommandError(f"--replace names layer {key!r} twice; give one replacement per layer")
-            replacements[key] = parse_replacement(text)[1]
+            replacements[key] = build_from_text(spec, layer_text)
         except SpecError as error:
             raise CommandError(f"malformed --replace {error}") from error
     return replacements

@@ -48,10 +48,12 @@ that leaves the model passed to :func:`load` as it was:
   uncompressed, as torch.save does; every value must be a dense CPU tensor
   whose data is in the file (no zero-stride views), of the recipe's shape and
   dtype (nothing is cast).
-- Layer class names follow :func:`fxindex._layer_classes.layer_class`, the
-  rule the command line's ``--replace`` follows too, or name a class of the
-  user's own registered in the loading process with
-  :func:`fxindex.register_layer` (nothing is imported).
+- Each new layer's description (``{"type": ..., "kwargs": {...}}``, the JSON
+  form of ``fxindex._layer_spec.LayerSpec``, which the command line's
+  ``--replace`` is read into too) names a class the shared allow-list permits
+  or a class of the user's own registered in the loading process with
+  :func:`fxindex.register_layer` (nothing is imported), with literal
+  arguments and no ``device``/``dtype``.
 - The edits are first replayed on a meta-device copy of the model, which
   allocates nothing, and checked against the fingerprint; each layer is
   measured on the meta device before it is built, and may not hold more
@@ -86,13 +88,11 @@ import torch
 from torch import fx, nn
 
 from fxindex._errors import RecipeError
+from fxindex._layer_spec import LayerSpec
 from fxindex._recipe import (
-    build_layer,
-    check_description,
     describe_layer,
     dtype_name,
     input_specs,
-    layer_size,
     model_class,
     parse_dtype,
     recipe,
@@ -331,10 +331,10 @@ def _check_specs(specs: Any, where: str) -> None:
 
 
 def _check_layer(description: Any, where: str) -> None:
-    """Refuse a type outside torch.nn, or non-literal arguments, before anything is built or replayed."""
+    """Refuse a type outside torch.nn (and not registered), or non-literal arguments, before anything is built."""
     try:
-        check_description(description)
-    except ValueError as error:
+        LayerSpec.from_json(description).validate()
+    except ValueError as error:  # LayerSpecError, LayerClassError
         raise RecipeError(f"{where}: {error}") from None
 
 
@@ -800,13 +800,21 @@ class _Replay:
 
     def build(self, description: dict[str, Any], graph_module: fx.GraphModule, target: str | None, label: str) -> nn.Module:
         """Build a recorded layer where it will live (device, dtype, mode), after measuring it on meta."""
-        size = layer_size(description)  # ValueError for arguments the constructor refuses, as build_layer
+        spec = LayerSpec.from_json(description)  # checked by read_recipe already
+        try:
+            # On the meta device in both runs: a refusal here is the recipe's, never the dry run's.
+            size = spec.size()
+        except ValueError as error:  # LayerBuildError: the constructor refused the recorded arguments
+            raise RecipeError(f"{label} cannot be replayed: {error}") from error
         if size > self.budget:
             raise RecipeError(
-                f"{label} cannot be replayed: its {description['type']} holds {size} elements of parameters and "
+                f"{label} cannot be replayed: its {_name(spec.type)} holds {size} elements of parameters and "
                 f"buffers, more than the {self.budget} of the whole saved model; the recipe does not fit its weights"
             )
-        layer = build_layer(description, device=self.device).train(graph_module.training)
+        try:
+            layer = spec.build(device=self.device).train(graph_module.training)
+        except ValueError as error:
+            raise RecipeError(f"{label} cannot be replayed: {error}") from error
         placement = _placement(graph_module, target)
         if placement is not None:
             layer = layer.to(device=placement[0], dtype=placement[1])

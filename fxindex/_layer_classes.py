@@ -1,9 +1,10 @@
 """The one rule for which layer classes a spec or a recipe may name.
 
-Both the command line's ``--replace 4=Conv2d(...)`` (:mod:`fxindex.spec`) and a
-saved recipe (:mod:`fxindex.recipe`, :mod:`fxindex.io`) build layers from a
-class *name* read from untrusted text. They share this rule, so a name one of
-them accepts the other accepts too.
+Both the command line's ``--replace 4=Conv2d(...)`` and a saved recipe build
+layers from a class *name* read from untrusted text, through one
+description of a layer as data (``fxindex._layer_spec.LayerSpec``), whose
+:meth:`~fxindex._layer_spec.LayerSpec.validate` looks the name up here with
+:func:`layer_class`. A name the command line accepts a recipe accepts too.
 
 A name is allowed when it is a public attribute of ``torch.nn`` that is an
 ``nn.Module`` subclass defined in ``torch.nn.modules`` with a ``forward`` of
@@ -28,8 +29,9 @@ savable with :func:`register_layer`: it is then recorded in recipes under its
 registered name (``"package.module:ClassName"`` by default) and rebuilt on
 :func:`fxindex.load` from the registration made in the loading process, never
 by importing anything the recipe names. The command line's ``--replace`` stays
-with torch.nn classes (:func:`layer_class`): a registered layer exists only in
-a Python process that registered it, which a command line is not.
+with torch.nn classes (``layer_class(name)``; recipes ask
+``layer_class(name, registered=True)``): a registered layer exists only in a
+Python process that registered it, which a command line is not.
 """
 
 from __future__ import annotations
@@ -52,7 +54,6 @@ __all__ = [
     "register_layer",
     "registered_layer",
     "registered_layer_named",
-    "recipe_layer_class",
 ]
 
 ModuleType = TypeVar("ModuleType", bound=type)
@@ -92,33 +93,47 @@ def is_layer_class(cls: type) -> bool:
     return refusal(cls) is None
 
 
-def layer_class(name: object) -> type[nn.Module]:
-    """The ``torch.nn`` layer class called ``name``, if the shared rule allows it.
+def layer_class(name: object, *, registered: bool = False) -> type[nn.Module]:
+    """The layer class called ``name``, if the shared rule allows it: the one allow-list lookup.
 
     Args:
-        name: a bare class name such as ``"Conv2d"``.
+        name: a bare torch.nn class name such as ``"Conv2d"``, or (with
+            ``registered``) a name given to :func:`register_layer`.
+        registered: also look among the classes this process registered
+            (recipes); ``False`` (the command line) allows torch.nn only.
 
     Returns:
         The class.
 
     Raises:
         LayerClassError: ``name`` is not a string, is private or not an
-            identifier, is not in ``torch.nn``, or names a class the rule
-            refuses (see the module docstring); the message says which.
+            identifier, is not in ``torch.nn`` (nor registered), or names a
+            class the rule refuses (see the module docstring); the message
+            says which, and for a registered-style name how to register it.
 
     Example:
         >>> layer_class("Linear")
         <class 'torch.nn.modules.linear.Linear'>
     """
+    if registered:
+        entry = registered_layer_named(name)
+        if entry is not None:
+            return entry.cls
+        if isinstance(name, str) and (":" in name or "." in name):
+            # The form register_layer records (a dotted path never names a torch.nn class): not registered here.
+            raise LayerClassError(
+                f"layer type {_cut(name)} is not a torch.nn layer class, nor a layer registered in this process: "
+                "import the code that calls fxindex.register_layer(...) for it before loading"
+            )
     if not isinstance(name, str):
-        raise LayerClassError(f"layer type {name!r} is not a torch.nn layer class ({_EXPECTED}, as a string)")
+        raise LayerClassError(f"layer type {_cut(name)} is not a torch.nn layer class ({_EXPECTED}, as a string)")
     # Checked before getattr: a dunder or private name is never a layer class, and getattr must not see it.
     cls = None if name.startswith("_") or not name.isidentifier() else getattr(nn, name, None)
     if not isinstance(cls, type):
-        raise LayerClassError(f"layer type {name!r} is not a torch.nn layer class ({_EXPECTED})")
+        raise LayerClassError(f"layer type {_cut(name)} is not a torch.nn layer class ({_EXPECTED})")
     reason = refusal(cls)
     if reason is not None:
-        raise LayerClassError(f"layer type {name!r} is not a torch.nn layer class: it is {reason} ({_EXPECTED})")
+        raise LayerClassError(f"layer type {_cut(name)} is not a torch.nn layer class: it is {reason} ({_EXPECTED})")
     return cls
 
 
@@ -148,7 +163,7 @@ _BY_NAME: dict[str, RegisteredLayer] = {}
 _BY_CLASS: dict[type, RegisteredLayer] = {}
 
 
-def _cut(name: str, limit: int = 120) -> str:
+def _cut(name: object, limit: int = 120) -> str:
     """``repr(name)`` cut short: the name comes from an untrusted recipe and may be huge."""
     text = repr(name)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -171,7 +186,8 @@ def register_layer(
     A recipe stores a new layer as its class name and literal constructor
     arguments. For a class outside torch.nn that needs two functions:
     ``describe(module)`` returns the arguments (numbers, strings, bools,
-    ``None`` and lists of them) and ``build(arguments)`` makes a fresh module
+    ``None`` and lists of them; never ``device`` or ``dtype``, which say where
+    a layer lives, not what it is) and ``build(arguments)`` makes a fresh module
     from them (lists come back as tuples). Each may be left out:
     ``describe`` then reads every constructor parameter from the attribute of
     the same name (``bias`` may be a tensor or ``None``: it is read as a
@@ -263,28 +279,3 @@ def registered_layer(cls: type) -> RegisteredLayer | None:
 def registered_layer_named(name: object) -> RegisteredLayer | None:
     """The registration recorded under ``name``, or ``None`` (also for a non-string)."""
     return _BY_NAME.get(name) if isinstance(name, str) else None
-
-
-def recipe_layer_class(name: object) -> type[nn.Module] | RegisteredLayer:
-    """What a recipe's layer ``type`` names: a torch.nn layer class or a registered layer.
-
-    Args:
-        name: the recorded type: a bare torch.nn class name (``"Linear"``)
-            or a name given to :func:`register_layer`.
-
-    Returns:
-        The torch.nn class, or the :class:`RegisteredLayer`.
-
-    Raises:
-        LayerClassError: neither; the message says how to register a class.
-    """
-    entry = registered_layer_named(name)
-    if entry is not None:
-        return entry
-    if isinstance(name, str) and (":" in name or "." in name):
-        # The form register_layer records (a dotted path never names a torch.nn class): not registered here.
-        raise LayerClassError(
-            f"layer type {_cut(name)} is not a torch.nn layer class, nor a layer registered in this process: "
-            "import the code that calls fxindex.register_layer(...) for it before loading"
-        )
-    return layer_class(name)

@@ -1,61 +1,46 @@
-"""Parsing layer specs such as ``4=Conv2d(64, 96, 3, padding=1)`` safely.
+"""The command line's ``--replace 4=Conv2d(64, 96, 3, padding=1)``: where, and which layer.
 
-A spec is read with Python's ``ast``: the only call allowed is a class of
-``torch.nn`` by its name, bare or as ``nn.Name`` or ``torch.nn.Name`` (the
-classes :func:`fxindex._layer_classes.layer_class` allows, the same rule
-recipes follow), and every argument must be a literal (numbers,
-strings, booleans, None, tuples and lists of them). Nothing is evaluated:
+The layer part is a :class:`~fxindex._layer_spec.LayerSpec` read by
+:meth:`LayerSpec.from_text <fxindex._layer_spec.LayerSpec.from_text>`, the
+description of a layer as data that recipes use too: parsed with ``ast``,
+never evaluated; the only call allowed is a torch.nn class by its name, bare
+or as ``nn.Name`` or ``torch.nn.Name`` (the classes the allow-list in
+``fxindex/_layer_classes.py`` permits), and every argument must be a literal
+(numbers, strings, booleans, None, tuples and lists of them).
 ``__import__('os').system('x')``, attribute chains, lambdas and names outside
-torch.nn are refused with a message saying what is accepted.
+torch.nn are refused with a message saying what is accepted. This module
+adds the ``INDEX=`` part, and phrases a constructor's refusal for the text it
+came from.
 """
 
 from __future__ import annotations
 
-import ast
-from typing import Any
-
+import torch
 from torch import nn
 
-from fxindex._errors import FxIndexError
-from fxindex._layer_classes import LayerClassError, layer_class
+from fxindex._layer_spec import _EXAMPLE, LayerBuildError, LayerSpec, SpecError
 
-__all__ = ["SpecError", "parse_layer", "parse_replacement"]
-
-
-class SpecError(FxIndexError, ValueError):
-    """A layer spec is not a torch.nn class called with literal arguments."""
+__all__ = ["SpecError", "parse_layer", "parse_replacement", "build_from_text"]
 
 
-_EXAMPLE = "write e.g. 4=Conv2d(64, 96, 3, padding=1)"
+def build_from_text(spec: LayerSpec, text: str, device: torch.device | str | None = None) -> nn.Module:
+    """Build ``spec``, read from ``text``; a constructor's refusal is a :class:`SpecError` naming the text.
 
+    Args:
+        spec: a spec :meth:`LayerSpec.from_text` returned.
+        text: the text it was read from, for the message.
+        device: as :meth:`LayerSpec.build` (``"meta"`` to measure it first).
 
-def _literal(node: ast.expr, text: str) -> Any:
-    try:
-        return ast.literal_eval(node)
-    except ValueError:
-        raise SpecError(f"{text!r}: argument {ast.unparse(node)!r} is not a literal value; {_EXAMPLE}") from None
+    Returns:
+        The new module.
 
-
-# The prefixes a class name may carry, as people write it in Python: Linear, nn.Linear, torch.nn.Linear.
-_PREFIXES = ((), ("nn",), ("torch", "nn"))
-
-
-def _class_name(func: ast.expr) -> str | None:
-    """The class name of ``Linear``, ``nn.Linear`` or ``torch.nn.Linear``; ``None`` for anything else.
-
-    Only these spellings are read: the prefix is matched as text, never
-    looked up, and the name itself still goes through
-    :func:`fxindex._layer_classes.layer_class`.
+    Raises:
+        SpecError: the class refused these arguments.
     """
-    parts: list[str] = []
-    while isinstance(func, ast.Attribute):
-        parts.append(func.attr)
-        func = func.value
-    if not isinstance(func, ast.Name):
-        return None
-    parts.append(func.id)
-    parts.reverse()
-    return parts[-1] if tuple(parts[:-1]) in _PREFIXES else None
+    try:
+        return spec.build(device)
+    except LayerBuildError as error:
+        raise SpecError(f"{text!r}: {spec.type} refused these arguments: {error.reason}", spec.type) from None
 
 
 def parse_layer(text: str) -> nn.Module:
@@ -77,50 +62,28 @@ def parse_layer(text: str) -> nn.Module:
         >>> parse_layer("Conv2d(3, 8, 3, padding=1)")
         Conv2d(3, 8, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
     """
-    try:
-        tree = ast.parse(text.strip(), mode="eval")
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        # ValueError: an int literal over Python's digit limit; RecursionError/MemoryError: absurd nesting.
-        raise SpecError(f"{text!r} is not a layer spec; {_EXAMPLE}") from None
-    call = tree.body
-    name = _class_name(call.func) if isinstance(call, ast.Call) else None
-    if not isinstance(call, ast.Call) or name is None:
-        raise SpecError(
-            f"{text!r}: expected a torch.nn class name (Linear, nn.Linear or torch.nn.Linear) called with "
-            f"literal arguments; {_EXAMPLE}"
-        )
-    try:
-        # The rule recipes follow too (fxindex.layer_classes): one list of what may be built from text.
-        cls = layer_class(name)
-    except LayerClassError as error:
-        raise SpecError(f"{text!r}: {error}; {_EXAMPLE}") from None
-    if any(isinstance(arg, ast.Starred) for arg in call.args) or any(kw.arg is None for kw in call.keywords):
-        raise SpecError(f"{text!r}: *args and **kwargs are not accepted; {_EXAMPLE}")
-    args = [_literal(arg, text) for arg in call.args]
-    kwargs = {str(kw.arg): _literal(kw.value, text) for kw in call.keywords}
-    try:
-        return cls(*args, **kwargs)
-    except Exception as error:
-        raise SpecError(f"{text!r}: {name} refused these arguments: {type(error).__name__}: {error}") from None
+    return build_from_text(LayerSpec.from_text(text), text)
 
 
 # An index longer than this is refused before int(): no model has 10**18 layers.
 MAX_INDEX_DIGITS = 18
 
 
-def parse_replacement(text: str) -> tuple[int | str, nn.Module]:
-    """Split ``"4=Conv2d(64, 96, 3)"`` into the layer index (or qualified name) and the new layer.
+def parse_replacement(text: str) -> tuple[int | str, LayerSpec]:
+    """Split ``"4=Conv2d(64, 96, 3)"`` into the layer index (or qualified name) and the new layer's spec.
 
     An index is ASCII digits with an optional leading ``-`` (at most
     :data:`MAX_INDEX_DIGITS` of them); a qualified name is dot-separated
     identifiers or ASCII digit runs (``layer1.0.conv1``). Other digits
     (``²``, ``٣``) are neither: ``str.isdigit`` accepts them but ``int`` does not.
+    The layer is not built: the caller measures it first
+    (:meth:`LayerSpec.size`) and builds it with :func:`build_from_text`.
 
     Args:
         text: ``INDEX=LAYER``, e.g. ``"4=Conv2d(64, 96, 3)"`` or ``"fc=Linear(512, 10)"``.
 
     Returns:
-        The index (an int) or qualified name (a str), and the new layer.
+        The index (an int) or qualified name (a str), and the validated spec.
 
     Raises:
         SpecError: no ``=``, an empty, malformed or absurdly long index, or a
@@ -129,7 +92,7 @@ def parse_replacement(text: str) -> tuple[int | str, nn.Module]:
     Example:
         >>> from fxindex._spec import parse_replacement
         >>> parse_replacement("fc=Linear(512, 10)")
-        ('fc', Linear(in_features=512, out_features=10, bias=True))
+        ('fc', LayerSpec('Linear', args=(512, 10), kwargs={}))
     """
     where, separator, layer = text.partition("=")
     where = where.strip()
@@ -143,7 +106,7 @@ def parse_replacement(text: str) -> tuple[int | str, nn.Module]:
                 f"layer index '{where[:20]}...' has {len(digits)} digits (at most {MAX_INDEX_DIGITS}); "
                 "no model has that many layers"
             )
-        return int(where), parse_layer(layer)
+        return int(where), LayerSpec.from_text(layer)
     if not all(part.isidentifier() or (part.isdecimal() and part.isascii()) for part in where.split(".")):
         raise SpecError(f"{text!r}: {where!r} is neither a layer index nor a qualified name; {_EXAMPLE}")
-    return where, parse_layer(layer)
+    return where, LayerSpec.from_text(layer)

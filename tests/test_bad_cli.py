@@ -417,6 +417,10 @@ def test_min_run_time_out_of_range(
         ("9" * 5000 + "=Linear(16, 4)", "has 5000 digits (at most 18)"),
         ("0=Linear(100000, 100000)", "the new layer has 10,000,100,000 parameter elements; at most 1,073,741,824"),
         ("0=Embedding(1073741824, 2)", "parameter elements"),
+        # device= beat the meta device the layer is measured on: it was built for real, 40 GB.
+        ("0=Linear(100000, 100000, device='cpu')", "argument 'device' of Linear is not accepted"),
+        ("0=Linear(100000, 100000, True, 'cpu')", "argument 'device' of Linear is not accepted"),
+        ("0=Linear(16, -4)", "Linear refused these arguments: RuntimeError"),
     ],
 )
 def test_bench_replace_malformed_or_huge(

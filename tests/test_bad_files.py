@@ -33,7 +33,8 @@ import fxindex
 from fxindex._errors import FxIndexError, RecipeError
 from fxindex._io import MAX_RECIPE_BYTES, RECIPE_FILE, WEIGHTS_FILE, load, read_recipe, save
 from fxindex._layer_classes import LayerClassError, layer_class
-from fxindex._recipe import check_description, describe_layer
+from fxindex._layer_spec import LayerSpec
+from fxindex._recipe import describe_layer
 from fxindex._spec import SpecError, parse_layer
 
 # --------------------------------------------------------------------------- a model, a save, and checks
@@ -140,6 +141,27 @@ def test_a_huge_layer_is_refused_before_it_is_built(saved: Path) -> None:
     with LargestRealTensor() as watch:
         assert_refused(saved, r"edit 1 \(replace layer 0 'fc1'\) cannot be replayed: its Linear holds 50000000 elements")
     assert watch.largest < 10_000
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [({"device": "cpu"}, "device"), ({"dtype": "float32"}, "dtype"), ({"factory_kwargs": None}, "factory_kwargs")],
+    ids=["device", "dtype", "factory_kwargs"],
+)
+def test_a_layer_that_names_its_placement_is_refused_before_it_is_measured(
+    saved: Path, kwargs: dict[str, Any], name: str
+) -> None:
+    """``device="cpu"`` beat the meta device the layer is measured on: Linear(4, 10_000_000) was built for real."""
+    edit_recipe(saved, lambda d: linear_layer(d)["kwargs"].update(out_features=10_000_000, **kwargs))
+    with LargestRealTensor() as watch:
+        assert_refused(saved, rf"edit 1 \(replace layer 0 'fc1'\): argument '{name}' of Linear is not accepted")
+    assert watch.largest < 10_000
+
+
+def test_a_layer_description_with_another_field_is_refused(saved: Path) -> None:
+    """A recipe records ``type`` and ``kwargs``; ``args`` (or anything else) is not silently ignored."""
+    edit_recipe(saved, lambda d: linear_layer(d).update(args=[4, 16]))
+    assert_refused(saved, r"edit 1 \(replace layer 0 'fc1'\): a layer description has the fields 'type' and 'kwargs'")
 
 
 def test_a_small_layer_whose_propagation_is_huge_is_refused_before_it_is_built(tmp_path: Path) -> None:
@@ -482,7 +504,7 @@ def test_the_spec_parser_and_recipes_allow_the_same_classes(name: str) -> None:
             return False  # the class was allowed; only its arguments were refused
         return False
 
-    in_recipe = refused(lambda: check_description({"type": name, "kwargs": {}}))
+    in_recipe = refused(lambda: LayerSpec.from_json({"type": name, "kwargs": {}}).validate())
     in_spec = refused(lambda: parse_layer(f"{name}()"))
     assert in_recipe == in_spec, (in_recipe, in_spec)
     allowed = name in {"Linear", "Conv2d", "ReLU", "Identity", "Sequential", "LSTM"}
