@@ -80,11 +80,23 @@ class RecipeError(FxIndexError, ValueError):
 
 
 class EditError(FxIndexError, ValueError):
-    """An edit's arguments do not fit the layer (``keep=`` indices, a missing layer...)."""
+    """An edit's arguments do not fit the layer or each other.
+
+    A value problem: ``keep=`` that is not a list of distinct channel indices
+    of the layer (whatever its form: it is data, as a recipe's ``keep`` is),
+    an empty dict of replacements, ``new_layer`` missing or given beside a
+    dict, a layer selected twice, ``share_untouched`` with ``inplace``. A
+    model, new layer or layer selector of the wrong type (a new layer that is
+    not an ``nn.Module``) raises ``TypeError`` instead.
+    """
 
 
 class RegistrationError(FxIndexError, ValueError):
     """A rule or layer registration clashes with one already registered (pass ``replace=True``)."""
+
+
+class StaleForwardError(FxIndexError, RuntimeError):
+    """A GraphModule was called inside ``fxindex.deferred_codegen``, before its forward was generated."""
 
 
 class EditWarning(UserWarning):

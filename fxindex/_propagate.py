@@ -7,23 +7,26 @@ shapes are known, each touched node is also re-run on fake tensors with its
 new module or arguments, which both checks the rebuilt graph and yields the
 new shapes; nodes that read nothing changed are never run. The result is a
 :class:`~fxindex.Plan` that ``apply_plan`` installs.
+
+``_MetaRun`` (a ``torch.fx.Interpreter``) runs those single nodes; ``_Planner``
+walks the graph and works out the replaced layers' change, from shapes or,
+without them, from registered widths. The plan holds the edits as data;
+``fxindex._plan`` renders them.
 """
 
 from __future__ import annotations
 
-from operator import attrgetter
-
 import contextlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.node import map_aggregate
 
 from fxindex._errors import EditError, PropagationError, ShapeMismatchError, ShapesRequiredError
 from fxindex._plan import Plan, PlannedEdit
+from fxindex._plan import short_repr as _short
 from fxindex._preserve import compare_layers, own_forward
 from fxindex.rules import ChannelChange, Outcome, Step, Widths, find_rule, find_widths
 from fxindex.rules.registry import describe_target
@@ -95,11 +98,6 @@ def _shapes_of(meta: Any) -> Any:
     return None
 
 
-def _short(module: nn.Module | None) -> str:
-    text = repr(module)
-    return text if "\n" not in text else f"{type(module).__name__}(...)"
-
-
 def _slots(keep: Sequence[int] | None, old_size: int, new_size: int, label: str) -> tuple[int | None, ...]:
     """The mapping of new output slots to old ones, from ``keep`` or by position."""
     if keep is None:
@@ -118,6 +116,126 @@ def _slots(keep: Sequence[int] | None, old_size: int, new_size: int, label: str)
     return tuple(keep) + (None,) * (new_size - len(keep))
 
 
+class _MetaRun(fx.Interpreter):
+    """Runs single nodes of the graph on meta values, computing the values they read on demand.
+
+    Not a whole-graph run: the planner runs only the nodes an edit touches,
+    each with its new module or arguments standing in for the old ones
+    (:meth:`run_as`). An input's value is its recorded shape as a meta tensor,
+    or, for a Python value without one (``x.size(0)``), the node re-run from
+    its own inputs; values are kept in ``env`` for the nodes after it.
+
+    Meta first: each parameter is copied to meta once per plan, and layers run
+    as copies holding those (so the caller's layers and buffers are only
+    read). A node meta cannot run is re-run on fake tensors with the real
+    layer, whose error is the one reported if that fails too; the result goes
+    back to meta for the nodes after it.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, graph: fx.Graph, mode: Any, device: torch.device):
+        super().__init__(graph_module, garbage_collect_values=False, graph=graph)
+        self.mode = mode
+        self.device = device
+        self.copies = MetaConverter()
+        # The layer (or get_attr value) of the node being run, where fetch_attr would read the model's.
+        self.stand_in: Any = None
+
+    def map_nodes_to_values(self, args: Any, n: fx.Node) -> Any:
+        return fx.node.map_arg(args, self.value_of)
+
+    def value_of(self, node: fx.Node) -> Any:
+        """The (meta) value of ``node`` after the edit."""
+        if node in self.env:
+            return self.env[node]
+        meta = node.meta.get("tensor_meta")
+        if meta is not None:
+            value = _meta_values(meta)
+        elif node.op == "get_attr":
+            value = super().fetch_attr(str(node.target))
+            try:
+                value = self.copies.value(value)
+            except MetaUnsupportedError:
+                pass  # the real tensor, read only: the node reading it re-runs on fake tensors
+        elif node.op == "placeholder" and node.meta.get(NOT_GIVEN_KEY):
+            # An optional argument the example inputs left out: the recorded run saw its default.
+            value = node.args[0] if node.args else []
+        elif node.op == "placeholder":
+            raise ShapesRequiredError(f"placeholder '{node.name}' has no recorded shape; pass example_inputs=(...)")
+        else:
+            # A non-tensor value (x.size(0)) of an unchanged node: compute it from its inputs.
+            value = self.run_as(node, None, node.args, node.kwargs)
+        self.env[node] = value
+        return value
+
+    def run_as(self, node: fx.Node, module: nn.Module | None, args: Any, kwargs: Any) -> Any:
+        """Run ``node`` with ``module`` standing in for its layer and ``args``/``kwargs`` for its arguments.
+
+        Args:
+            node: a ``call_module``, ``call_function``, ``call_method`` or ``get_attr`` node.
+            module: the layer to call (``call_module``; ``None``: the model's own).
+            args: the arguments, holding nodes.
+            kwargs: the keyword arguments, holding nodes.
+
+        Returns:
+            The result, its tensors on meta.
+        """
+        args, kwargs = self.map_nodes_to_values(args, node), self.map_nodes_to_values(kwargs, node)
+        if node.op == "call_module":
+            real = module if module is not None else super().fetch_attr(str(node.target))
+        else:
+            real = super().fetch_attr(str(node.target)) if node.op == "get_attr" else None
+        op = getattr(self, node.op)
+        try:
+            # The copy is made outside the meta device block: only the layer's computation runs there.
+            layer = self.copies.value(real) if real is not None else None
+            with self._standing_in(layer), torch.device("meta"), meta_kernel_cache(self.device):
+                return op(node.target, args, kwargs)
+        except Exception:
+            pass  # no meta kernel (data-dependent ops) or a real tensor meta cannot meet: fake tensors
+        fake_args = meta_to_fake(args, self.mode, self.device)
+        fake_kwargs = meta_to_fake(kwargs, self.mode, self.device)
+        # New and rebuilt modules are not inside the graph module's buffer guard: a
+        # BatchNorm in train mode would count the fake run as a batch. The guard's
+        # copies must be real tensors, so it is entered outside the fake mode.
+        guard = preserving_buffers(real) if node.op == "call_module" else contextlib.nullcontext()
+        with guard, self._standing_in(real), self.mode, quiet_fake_errors():
+            result = op(node.target, fake_args, fake_kwargs)
+        # Outside the fake mode, or the copies would be fake tensors on the meta device.
+        return to_meta(result)
+
+    @contextlib.contextmanager
+    def _standing_in(self, value: Any) -> Iterator[None]:
+        self.stand_in = value
+        try:
+            yield
+        finally:
+            self.stand_in = None
+
+    def fetch_attr(self, target: str) -> Any:
+        return self.stand_in if self.stand_in is not None else super().fetch_attr(target)
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        # forward, not __call__: planning is not a use of the model, so user hooks do not run.
+        return self.fetch_attr(target).forward(*args, **kwargs)
+
+
+def _meta_values(meta: Any) -> Any:
+    """A meta tensor for each TensorMetadata in ``meta`` (one, or a tuple or list of them)."""
+    # Not map_aggregate: TensorMetadata is itself a NamedTuple and would be taken apart.
+    if isinstance(meta, TensorMetadata):
+        return meta_tensor_like(meta)
+    if isinstance(meta, (tuple, list)):
+        return type(meta)(_meta_values(item) for item in meta)
+    return meta
+
+
+def _changed(meta: TensorMetadata, change: ChannelChange) -> tuple[int, ...]:
+    """``meta``'s shape with ``change`` applied."""
+    shape = list(meta.shape)
+    shape[change.dim % len(shape)] = change.new_size
+    return tuple(shape)
+
+
 class _Planner:
     def __init__(
         self,
@@ -131,8 +249,6 @@ class _Planner:
         self.graph = graph if graph is not None else graph_module.graph
         self.targets = {target.node: target for target in targets}
         self.propagate = propagate
-        self.modules = dict(graph_module.named_modules())
-        self.modules.update(extra_modules or {})
         placeholders = [node for node in self.graph.nodes if node.op == "placeholder"]
         # An optional argument left out of the example inputs has no tensor_meta, yet shapes are known.
         self.has_shapes = bool(placeholders) and shapes_recorded(self.graph)
@@ -142,93 +258,21 @@ class _Planner:
         if first is None:
             first = next(iter(graph_module.buffers()), None)
         self.device = first.device if first is not None else torch.device("cpu")
-        self.values: dict[fx.Node, Any] = {}
+        # Only a planner with shapes re-runs nodes.
+        self.runner = _MetaRun(graph_module, self.graph, self.mode, self.device) if self.mode is not None else None
+        self.modules = dict(self.runner.submodules) if self.runner is not None else dict(graph_module.named_modules())
+        self.modules.update(extra_modules or {})
         self.changes: dict[fx.Node, ChannelChange] = {}
         self.dirty: set[fx.Node] = set()
         self.new_metas: dict[fx.Node, Any] = {}
         self.plan = Plan(edits=[])
 
-    # -- values for the fake re-run ---------------------------------------------------------
-    def value_of(self, node: fx.Node) -> Any:
-        """The (meta) value of ``node`` after the edit."""
-        if node in self.values:
-            return self.values[node]
-        assert self.mode is not None
-        meta = node.meta.get("tensor_meta")
-        if meta is not None:
-            value = self.fake_from_meta(meta)
-        elif node.op == "get_attr":
-            value = attrgetter(node.target)(self.graph_module)
-            # Made lazily (not in __init__): a planner without shapes never needs one.
-            copies = self.__dict__.setdefault("meta_copies", MetaConverter())
-            try:
-                value = copies.value(value)
-            except MetaUnsupportedError:
-                pass  # the real tensor, read only: the node reading it re-runs on fake tensors
-        elif node.op == "placeholder" and node.meta.get(NOT_GIVEN_KEY):
-            # An optional argument the example inputs left out: the recorded run saw its default.
-            value = node.args[0] if node.args else []
-        elif node.op == "placeholder":
-            raise ShapesRequiredError(f"placeholder '{node.name}' has no recorded shape; pass example_inputs=(...)")
-        else:
-            # A non-tensor value (x.size(0)) of an unchanged node: compute it from its inputs.
-            value = self.run(node, None, node.args, node.kwargs)
-        self.values[node] = value
-        return value
-
-    def fake_from_meta(self, meta: Any) -> Any:
-        """A meta tensor (despite the name, kept for callers) for each TensorMetadata in ``meta``."""
-        # Not map_aggregate: TensorMetadata is itself a NamedTuple and would be taken apart.
-        if isinstance(meta, TensorMetadata):
-            return meta_tensor_like(meta)
-        if isinstance(meta, (tuple, list)):
-            return type(meta)(self.fake_from_meta(item) for item in meta)
-        return meta
-
     def run(self, node: fx.Node, module: nn.Module | None, args: Any, kwargs: Any) -> Any:
-        """Run one node on meta values, with ``module``/``args`` standing in for the old ones.
-
-        Meta first: each parameter is copied to meta once per plan, and layers
-        run as copies holding those (so the caller's layers and buffers are
-        only read). A node meta cannot run is re-run on fake tensors with the
-        real layer, whose error is the one reported if that fails too; the
-        result goes back to meta for the nodes after it.
-        """
-        assert self.mode is not None
-        args = map_aggregate(args, lambda a: self.value_of(a) if isinstance(a, fx.Node) else a)
-        kwargs = map_aggregate(kwargs, lambda a: self.value_of(a) if isinstance(a, fx.Node) else a)
-        copies = self.__dict__.setdefault("meta_copies", MetaConverter())
-
-        def call(layer: Any, args: Any, kwargs: Any) -> Any:
-            # forward, not __call__: planning is not a use of the model, so user hooks do not run.
-            if node.op == "call_module":
-                return layer.forward(*args, **kwargs)
-            if node.op == "call_function":
-                return node.target(*args, **kwargs)
-            if node.op == "call_method":
-                receiver, *rest = args
-                return getattr(receiver, node.target)(*rest, **kwargs)
-            if node.op == "get_attr":
-                return layer
-            raise AssertionError(f"unexpected op {node.op}")
-
-        real = attrgetter(node.target)(self.graph_module) if node.op == "get_attr" else module
-        try:
-            layer = copies.value(real) if real is not None else None
-            with torch.device("meta"), meta_kernel_cache(self.device):
-                return call(layer, args, kwargs)
-        except Exception:
-            pass  # no meta kernel (data-dependent ops) or a real tensor meta cannot meet: fake tensors
-        fake_args = meta_to_fake(args, self.mode, self.device)
-        fake_kwargs = meta_to_fake(kwargs, self.mode, self.device)
-        # New and rebuilt modules are not inside the graph module's buffer guard: a
-        # BatchNorm in train mode would count the fake run as a batch. The guard's
-        # copies must be real tensors, so it is entered outside the fake mode.
-        guard = preserving_buffers(module) if node.op == "call_module" else contextlib.nullcontext()
-        with guard, self.mode, quiet_fake_errors():
-            result = call(real, fake_args, fake_kwargs)
-        # Outside the fake mode, or the copies would be fake tensors on the meta device.
-        return to_meta(result)
+        """Re-run ``node`` on meta values with its new module or arguments, and keep the result for its users."""
+        assert self.runner is not None
+        result = self.runner.run_as(node, module, args, kwargs)
+        self.runner.env[node] = result
+        return result
 
     # -- the walk ---------------------------------------------------------------------------
     def build(self) -> Plan:
@@ -288,7 +332,6 @@ class _Planner:
                     f"{type(error).__name__}: {error}",
                     node.name,
                 ) from error
-            self.values[node] = result
             new_meta = meta_of(result)
             self.check_shape(node, new_meta, outcome.output)
         if outcome.output is not None:
@@ -319,9 +362,12 @@ class _Planner:
             return
         expected = _shapes_of(old_meta)
         if change is not None and isinstance(old_meta, TensorMetadata):
-            shape = list(old_meta.shape)
-            shape[change.dim % len(shape)] = change.new_size
-            expected = tuple(shape)
+            expected = _changed(old_meta, change)
+        elif change is not None and isinstance(old_meta, (tuple, list)) and all(
+            isinstance(part, TensorMetadata) for part in old_meta
+        ):
+            # split/chunk: one change, the same in every part (the rule refuses unequal ones).
+            expected = tuple(_changed(part, change) for part in old_meta)
         actual = _shapes_of(new_meta)
         if actual != expected:
             what = "the rule predicted" if change is not None else "it had before (no rule describes a change here)"
@@ -346,7 +392,6 @@ class _Planner:
                     f"{target.label}, node '{node.name}': the new layer {_short(new_module)} cannot read the input "
                     f"that {_short(old_module)} read ({inputs}): {type(error).__name__}: {error}"
                 ) from error
-            self.values[node] = result
             new_meta = meta_of(result)
             self.check_output_dtype(node, target, old_module, new_meta)
             change = self.target_change_from_shapes(node, target, new_meta)
@@ -377,11 +422,9 @@ class _Planner:
                 node=node.name,
                 target=str(node.target),
                 action=target.action,
-                old=_short(old_module),
-                new=_short(new_module) if target.action == "replace" else "(input passed through)",
-                weights="caller's layer" if target.action == "replace" else "removed",
-                output_change=change.describe() if change else "same shape",
                 module=new_module,
+                old_module=old_module,
+                change=change,
             )
         )
 
@@ -524,28 +567,24 @@ class _Planner:
 
     def record(self, node: fx.Node, old_module: nn.Module | None, outcome: Outcome) -> None:
         if outcome.module is not None:
-            action, old, new = "rebuild", _short(old_module), _short(outcome.module)
+            action = "rebuild"
         elif outcome.args is not None or outcome.kwargs is not None:
             action = "rewrite"
-            old = _arguments_text(node.args, node.kwargs)
-            new = _arguments_text(
-                outcome.args if outcome.args is not None else node.args,
-                outcome.kwargs if outcome.kwargs is not None else node.kwargs,
-            )
         else:
-            action, old, new = "pass", describe_target(node), ""
+            action = "pass"
         self.plan.edits.append(
             PlannedEdit(
                 node=node.name,
                 target=str(node.target) if node.op == "call_module" else describe_target(node),
                 action=action,
-                old=old,
-                new=new,
-                weights=outcome.weights,
-                output_change=outcome.output.describe() if outcome.output else "absorbed",
                 module=outcome.module,
                 args=outcome.args,
                 kwargs=outcome.kwargs,
+                old_module=old_module,
+                old_args=tuple(node.args) if action == "rewrite" else None,
+                old_kwargs=dict(node.kwargs) if action == "rewrite" else None,
+                weights=outcome.weights,  # the rule's account, split into its clauses
+                change=outcome.output,
             )
         )
 
@@ -556,12 +595,6 @@ def _shape_text_from(shape: Any) -> str:
     if shape and all(isinstance(part, tuple) for part in shape):
         return "(" + ", ".join(_shape_text_from(part) for part in shape) + ")"
     return "x".join(map(str, shape))
-
-
-def _arguments_text(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    parts = [arg.name if isinstance(arg, fx.Node) else repr(arg) for arg in args[1:]]
-    parts += [f"{key}={value!r}" for key, value in kwargs.items()]
-    return "(" + ", ".join(parts) + ")"
 
 
 def build_plan(

@@ -25,14 +25,13 @@ from torch import fx, nn
 
 from fxindex.rules.registry import using
 from fxindex._couple import plan_coupled
-from fxindex._errors import EditError, EditWarning, FxIndexError, PropagationError
+from fxindex._errors import EditError, EditWarning, FxIndexError, PropagationError, StaleForwardError
 from fxindex._index import LayerIndex, as_graph_module
 from fxindex._plan import Plan
 from fxindex._propagate import Target, build_plan
 from fxindex._recipe import describe_layer, record_edit, restore_meta
 from fxindex.rules import Widths, find_widths
-from fxindex._shapes import record_shapes_on
-from fxindex._shapes import NOT_GIVEN_KEY
+from fxindex._shapes import NOT_GIVEN_KEY, record_shapes_on
 from fxindex._speed import CACHE_ATTRIBUTE, is_sped_up, speed_up
 from fxindex._writeback import write_back
 
@@ -100,17 +99,17 @@ def _select(
     """
     if isinstance(index, Mapping):
         if new_layer is not None:
-            raise TypeError(f"{caller}: with a dict of replacements, leave new_layer out (got {_short_type(new_layer)})")
+            raise EditError(f"{caller}: with a dict of replacements, leave new_layer out (got {_short_type(new_layer)})")
         choices = dict(index)
         if not choices:
-            raise TypeError(f"{caller}: the dict of replacements is empty")
+            raise EditError(f"{caller}: the dict of replacements is empty")
     else:
         if new_layer is None:
-            raise TypeError(f"{caller}: new_layer is missing: pass an nn.Module (or a dict {{index: layer}} as index)")
+            raise EditError(f"{caller}: new_layer is missing: pass an nn.Module (or a dict {{index: layer}} as index)")
         choices = {index: new_layer}
     if keep is not None and not isinstance(keep, Mapping):
         if len(choices) != 1:
-            raise TypeError(f"{caller}: with several replacements, give keep as a dict {{index: keep}}")
+            raise EditError(f"{caller}: with several replacements, give keep as a dict {{index: keep}}")
         keep = {next(iter(choices)): keep}
     keeps: dict[int, tuple[int, ...]] = {}
     for key, value in (keep or {}).items():
@@ -128,11 +127,11 @@ def _select(
         for site in sites:
             node = layers.node(site)
             if node in targets:
-                raise TypeError(f"{caller}: {_label(layers, site)} is selected twice")
+                raise EditError(f"{caller}: {_label(layers, site)} is selected twice")
             targets[node] = Target(node, layer, keeps.get(position), _label(layers, site))
     unknown_keeps = set(keeps) - {layers.resolve(key) for key in choices}
     if unknown_keeps:
-        raise TypeError(f"{caller}: keep= names layers {sorted(unknown_keeps)} that are not being replaced")
+        raise EditError(f"{caller}: keep= names layers {sorted(unknown_keeps)} that are not being replaced")
     edit = {
         "op": "replace",
         "layers": recorded,
@@ -563,7 +562,7 @@ def deferred_codegen(graph_module: fx.GraphModule) -> Iterator[fx.GraphModule]:
     ``recompile``); inside this block in-place edits (``inplace=True``) only
     swap the graph, and the code is generated once when the block ends. The
     model cannot be called inside the block (its code is stale): calling it
-    raises ``RuntimeError``. Blocks nest.
+    raises :class:`~fxindex.StaleForwardError` (a ``RuntimeError``). Blocks nest.
 
     Args:
         graph_module: the GraphModule the edits change in place.
@@ -588,7 +587,7 @@ def deferred_codegen(graph_module: fx.GraphModule) -> Iterator[fx.GraphModule]:
         state[_DEFER_KEY] = True
 
         def stale(*args: Any, **kwargs: Any) -> Any:
-            raise RuntimeError(
+            raise StaleForwardError(
                 "this GraphModule is being edited inside fxindex.deferred_codegen(...): its forward is generated "
                 "when the block ends; call it after the block"
             )
@@ -667,7 +666,7 @@ def _install(
     written back and verified (:func:`fxindex._writeback.write_back`).
     """
     if share_untouched and inplace:
-        raise TypeError("share_untouched=True is for copies: with inplace=True nothing is copied")
+        raise EditError("share_untouched=True is for copies: with inplace=True nothing is copied")
     write_back_to = model if inplace and model is not None and not isinstance(model, fx.GraphModule) else None
     with _editing():
         if write_back_to is not None:
@@ -699,7 +698,12 @@ def plan(
 ) -> Plan:
     """Compute what :func:`replace` would do, without doing it.
 
-    Takes the same arguments as :func:`replace` (but never ``inplace``).
+    Takes the same arguments as :func:`replace` (but never ``inplace`` or
+    ``share_untouched``), and raises the same errors.
+
+    Args:
+        model, index, new_layer, example_inputs, keep, propagate, all_sites,
+            couple: as for :func:`replace`.
         rules: rules in effect for this call only, before the registered ones
             (``{MyLayer: my_rule}``; see :func:`fxindex.rules.using`).
 
@@ -789,7 +793,13 @@ def replace(
         ``share_untouched``, it shares no parameter tensor with ``model``.
 
     Raises:
-        TypeError: ``model`` or ``new_layer`` is not a module.
+        TypeError: ``model`` or ``new_layer`` is not a module, or a layer is
+            selected by something other than an int or a name.
+        EditError: the arguments do not fit together or the layer: an empty
+            dict, ``new_layer`` missing or given beside a dict, a layer
+            selected twice, ``keep=`` that is not a list of distinct channel
+            indices of the layer, or names a layer not replaced,
+            ``share_untouched`` with ``inplace``.
         LayerIndexError / LayerNameError: no such layer.
         ShapeMismatchError: the new layer cannot read the old one's input.
         PropagationError: the change cannot be carried (a residual join whose
@@ -817,7 +827,7 @@ def _several(index: Any, caller: str) -> list[Any]:
     """One selector or a list/tuple of them, as a list (a str is one qualified name)."""
     if isinstance(index, (list, tuple)):
         if not index:
-            raise TypeError(f"{caller}: the list of layers is empty")
+            raise EditError(f"{caller}: the list of layers is empty")
         return list(index)
     return [index]
 
@@ -866,6 +876,15 @@ def remove(
         The rebuilt ``GraphModule`` (with ``inplace=True`` on a plain module,
         that module); the call sites are gone from its index.
 
+    Raises:
+        TypeError: ``model`` is not a module, or a layer is selected by
+            something other than an int or a name.
+        EditError: an empty list, a layer selected twice, or
+            ``share_untouched`` with ``inplace``.
+        LayerIndexError / LayerNameError: no such layer.
+        PropagationError / ShapesRequiredError: as for :func:`replace`, when
+            the removed layer changed the shape.
+
     Example:
         >>> import torch, fxindex
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
@@ -882,7 +901,7 @@ def remove(
                 for key in _several(index, caller):
                     position = layers.resolve(key)
                     if position in positions:
-                        raise TypeError(f"{caller}: {_label(layers, position)} is selected twice")
+                        raise EditError(f"{caller}: {_label(layers, position)} is selected twice")
                     positions[position] = None
                 targets = []
                 for position in positions:
@@ -943,6 +962,16 @@ def insert(
         The rebuilt ``GraphModule`` (with ``inplace=True`` on a plain module,
         that module).
 
+    Raises:
+        TypeError: ``model`` or ``new_layer`` is not a module, or an anchor is
+            selected by something other than an int or a name.
+        EditError: an empty dict, ``new_layer`` missing or given beside a
+            dict, an anchor selected twice, or ``share_untouched`` with
+            ``inplace``.
+        LayerIndexError / LayerNameError: no such anchor.
+        ShapeMismatchError / PropagationError / ShapesRequiredError: as for
+            :func:`replace`, when the new layer changes the shape.
+
     Example:
         >>> import torch, fxindex
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
@@ -958,19 +987,19 @@ def insert(
                 layers = source.index()
                 if isinstance(index, Mapping):
                     if new_layer is not None:
-                        raise TypeError(f"{caller}: with a dict of insertions, leave new_layer out (got {_short_type(new_layer)})")
+                        raise EditError(f"{caller}: with a dict of insertions, leave new_layer out (got {_short_type(new_layer)})")
                     if not index:
-                        raise TypeError(f"{caller}: the dict of insertions is empty")
+                        raise EditError(f"{caller}: the dict of insertions is empty")
                     choices = list(index.items())
                 else:
                     if new_layer is None:
-                        raise TypeError(f"{caller}: new_layer is missing: pass an nn.Module (or a dict {{index: layer}} as index)")
+                        raise EditError(f"{caller}: new_layer is missing: pass an nn.Module (or a dict {{index: layer}} as index)")
                     choices = [(index, new_layer)]
                 chosen: dict[int, nn.Module] = {}
                 for key, layer in choices:
                     position = layers.resolve(key)
                     if position in chosen:
-                        raise TypeError(f"{caller}: {_label(layers, position)} is selected twice")
+                        raise EditError(f"{caller}: {_label(layers, position)} is selected twice")
                     chosen[position] = _check_layer(layer, _label(layers, position), source.module)
                 # The caller's graph is never touched while planning: the new nodes go into a copy.
                 staged = source.staged()

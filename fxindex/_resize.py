@@ -39,11 +39,13 @@ from fxindex._replace import _as_slots, apply_plan
 from fxindex._shapes import record_shapes
 from fxindex._spaces import (
     NodeEdit,
+    Product,
     RebuildRequest,
     SlotMapping,
     SpaceAnalysis,
     analyze,
     default_mapping,
+    default_mappings,
     describe_node,
     equal_blocks_of,
     solve,
@@ -69,8 +71,9 @@ def _start_mapping(old: int, width: int | None, keep: Sequence[int] | None, bloc
             raise EditError(f"{label}: give the new width, keep= (the old channels to keep, in order), or both")
         if blocks > 1 and (old % blocks or width % blocks):
             raise EditError(
-                f"{label}: the channels are split into {blocks} equal blocks (a grouped convolution, GroupNorm or "
-                f"chunk): the width {width} would not divide into them; use {widths_that_work(old, blocks)}"
+                f"{label}: the channels are split into {blocks} equal blocks (a grouped convolution, GroupNorm, "
+                f"chunk, or the nested halves of channel shuffles): the width {width} would not divide into them; "
+                f"use {widths_that_work(old, blocks)}"
             )
         return default_mapping(old, width, blocks)
     # The same reading as replace's keep=: any iterable of ints, read once (tensors and numpy too).
@@ -103,6 +106,100 @@ def _start_mapping(old: int, width: int | None, keep: Sequence[int] | None, bloc
             slot for b in range(blocks) for slot in (*keep[b * per_block : (b + 1) * per_block], *([None] * extra))
         )
     return tuple(keep) + (None,) * (width - len(keep))
+
+
+def _check_reach(analysis: SpaceAnalysis, changes: Mapping[int, SlotMapping]) -> None:
+    """Refuse ``changes`` that reach a blocked class (what :func:`_plan` checks first, without its label)."""
+    for root in changes:
+        block = analysis.blocked(root)
+        if block is not None:
+            raise PropagationError(
+                f"the resize reaches node '{block.node}' ({block.op}), which blocks it: {block.reason}", block.node
+            )
+
+
+def _solve_width(analysis: SpaceAnalysis, root: int, width: int) -> tuple[SlotMapping, dict[int, SlotMapping]]:
+    """Resize ``root``'s class to ``width`` with the first default mapping its structure takes.
+
+    The candidates (see :func:`fxindex._spaces.default_mappings`) put the new
+    slots at the end of every equal block, or change one factor of a product
+    (a head more in each of q, k and v); when none goes through, the refusal
+    of the plain default (new slots at the end) is raised.
+
+    Returns:
+        The mapping used and every class it changes.
+    """
+    candidates = default_mappings(analysis, root, width)
+    plain = default_mapping(analysis.width(root), width, equal_blocks_of(analysis, root))
+    refusal: FxIndexError | None = None
+    for mapping in candidates:
+        try:
+            changes = solve(analysis, root, mapping)
+            _check_reach(analysis, changes)
+            return mapping, changes
+        except (EditError, PropagationError) as error:
+            if mapping == plain or refusal is None:
+                refusal = error
+    assert refusal is not None
+    raise refusal
+
+
+def _candidate_widths(analysis: SpaceAnalysis, root: int, around: int) -> list[int]:
+    """Widths worth trying near ``around``: steps of the equal blocks and of each product factor's blocks, nearest first."""
+    old = analysis.width(root)
+    steps = {equal_blocks_of(analysis, root)}
+    for relation in analysis.relations_of(root):
+        # A product (heads): one factor changing moves the width in steps of the others' product.
+        if isinstance(relation, Product) and analysis.find(relation.whole) == root:
+            widths = [analysis.width(factor) for factor in relation.factors]
+            steps.update(old // size for size in widths if size > 1)
+    tried = sorted(
+        {old + k * step for step in steps for k in range(-3, 4) if k and old + k * step > 0} - {around},
+        key=lambda w: (abs(w - around), w),
+    )
+    return tried[:12]
+
+
+def working_widths(analysis: SpaceAnalysis, root: int, around: int, count: int = 4) -> list[int]:
+    """Up to ``count`` widths near ``around`` that a resize of ``root``'s class can take without ``keep=``.
+
+    Each candidate (steps of the class's equal blocks and of its product
+    factors, both ways, nearest first, a dozen at most) is solved as
+    :func:`resize` would: what is listed works, whatever the structure (a
+    channel shuffle's nested halves, heads).
+
+    Args:
+        analysis: the analysis of the graph.
+        root: the class to resize.
+        around: the width asked for.
+        count: how many widths to find at most.
+
+    Returns:
+        The widths, ascending.
+    """
+    found: list[int] = []
+    for candidate in _candidate_widths(analysis, root, around):
+        try:
+            _check_reach(analysis, _solve_width(analysis, root, candidate)[1])
+        except (EditError, PropagationError):
+            continue
+        found.append(candidate)
+        if len(found) == count:
+            break
+    return sorted(found)
+
+
+def _add_working_widths(error: FxIndexError, analysis: SpaceAnalysis, root: int, width: int | None) -> None:
+    """Say which widths near ``width`` do work (checked, not estimated), at the end of ``error``'s message."""
+    if width is None or not error.args or not isinstance(error.args[0], str):
+        return
+    found = working_widths(analysis, root, width)
+    if found:
+        text = f"; widths that work here: {', '.join(map(str, found))}"
+    else:
+        tried = _candidate_widths(analysis, root, width)
+        text = f"; none of the widths near {analysis.width(root)} works without keep= (tried {', '.join(map(str, sorted(tried)))})"
+    error.args = (error.args[0] + text,) + error.args[1:]
 
 
 def _short(module: nn.Module | None) -> str:
@@ -287,8 +384,17 @@ def _plan_resize(
             found.blocked_by or "",
         )
     blocks = equal_blocks_of(analysis, root)
-    mapping = _start_mapping(found.width, width, keep, blocks, label)
-    changes = solve(analysis, root, mapping)
+    try:
+        mapping = _start_mapping(found.width, width, keep, blocks, label)
+        if keep is None:
+            assert width is not None
+            mapping, changes = _solve_width(analysis, root, width)
+        else:
+            changes = solve(analysis, root, mapping)
+    except (EditError, PropagationError) as error:
+        if keep is None:
+            _add_working_widths(error, analysis, root, width)
+        raise
     plan = _plan(analysis, changes, label)
     dropped = found.width - sum(slot is not None for slot in mapping)
     if dropped:

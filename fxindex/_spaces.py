@@ -13,7 +13,10 @@ relate to those of its inputs, and records the answers in a union-find:
   ``chunk`` and of a grouped convolution must stay equal);
 * **product**: ``flatten``/``view``/``reshape`` merge dims into one (the
   feature space of ``flatten(C, H, W)`` is C-major blocks of ``H*W``) or split
-  one into several;
+  one into several; a whole that is both a concat and a product has parts
+  that are pieces of the outer factor times the rest (so a channel shuffle,
+  ``view(b, 2, c)`` + ``transpose`` + ``view(b, 2c)`` between a ``cat`` and a
+  ``chunk``, permutes slots; see :meth:`SpaceAnalysis._reconcile`);
 * **fresh**: a Linear or Conv *reads* one space and *writes* a new one.
 
 Each rule also states the node's *members*: the roles it plays for a space
@@ -64,6 +67,8 @@ __all__ = [
     "analyze",
     "has_shapes",
     "describe_node",
+    "default_mappings",
+    "required_blocks",
 ]
 
 SlotMapping = tuple[Union[int, None], ...]
@@ -172,8 +177,8 @@ class NodeEdit:
         kwargs: rewritten keyword arguments (``None`` keeps them).
         tensor: the new value of a ``get_attr`` parameter or buffer.
         weights: a short account of which weights were kept, sliced or new.
-        preserves_function: ``False`` when new slots alter old values here.
-        reason: why the function is not preserved, when it is not.
+        reason: why new slots alter old values here (the edit is then not
+            function-preserving), or ``None`` when they do not.
     """
 
     module: nn.Module | None = None
@@ -181,8 +186,12 @@ class NodeEdit:
     kwargs: dict[str, Any] | None = None
     tensor: torch.Tensor | None = None
     weights: str = ""
-    preserves_function: bool = True
-    reason: str = ""
+    reason: str | None = None
+
+    @property
+    def preserves_function(self) -> bool:
+        """Whether old slots keep their values here: derived from ``reason``."""
+        return self.reason is None
 
 
 @dataclass
@@ -410,10 +419,7 @@ class SpaceContext:
         if sum(self.width(part) for part in parts) != self.width(whole):
             self.block([whole, *parts], "the parts' widths do not add up to the whole's")
             return
-        if len(parts) == 1 and not equal:
-            self.same(whole, parts[0])
-            return
-        self.analysis.add_relation(Concat(self.node, whole, parts, equal))
+        self.analysis.relate_concat(self.node, whole, parts, equal=equal)
 
     def product(self, whole: int, factors: Sequence[int], *, detail: str = "") -> None:
         """``whole`` is the row-major product of ``factors`` (widths must multiply up).
@@ -427,13 +433,7 @@ class SpaceContext:
         if math.prod(self.width(f) for f in factors) != self.width(whole):
             self.block([whole, *factors], "the merged widths do not multiply up to the result's")
             return
-        wide = [f for f in factors if self.width(f) != 1]
-        if len(wide) <= 1:
-            # Only one factor wider than 1: the merge is the identity on it.
-            if wide:
-                self.same(whole, wide[0])
-            return
-        self.analysis.add_relation(Product(self.node, whole, factors, detail))
+        self.analysis.relate_product(self.node, whole, factors, detail=detail)
 
     def member(self, role: str, slot: str, space: int, detail: str = "", rebuild: Rebuilder | None = None) -> None:
         """Record that this node plays ``role`` for ``space`` through ``slot``.
@@ -579,6 +579,25 @@ class SpaceAnalysis:
     def add_relation(self, relation: Relation) -> None:
         self.relations.append(relation)
 
+    def relate_concat(self, node: fx.Node, whole: int, parts: Sequence[int], *, equal: bool = False) -> None:
+        """Record that ``whole`` is ``parts`` side by side (the widths are known to add up)."""
+        parts = tuple(parts)
+        if len(parts) == 1 and not equal:
+            self.unify(whole, parts[0], node)
+            return
+        self.add_relation(Concat(node, whole, parts, equal))
+
+    def relate_product(self, node: fx.Node, whole: int, factors: Sequence[int], *, detail: str = "") -> None:
+        """Record that ``whole`` is the row-major product of ``factors`` (the widths are known to multiply up)."""
+        factors = tuple(factors)
+        wide = [f for f in factors if self.width(f) != 1]
+        if len(wide) <= 1:
+            # Only one factor wider than 1: the merge is the identity on it.
+            if wide:
+                self.unify(whole, wide[0], node)
+            return
+        self.add_relation(Product(node, whole, factors, detail))
+
     def add_member(self, member: Member, rebuild: Rebuilder | None) -> None:
         self.members.append(member)
         if rebuild is not None:
@@ -607,8 +626,64 @@ class SpaceAnalysis:
             if not context._output_set:
                 context.output(context.output_fresh())
             self.values[node] = context._output
+        self._reconcile()
         self._index()
         return self
+
+    def _reconcile(self) -> None:
+        """Relate the concats and products of one whole: parts that are whole blocks of the outer factor.
+
+        A whole that is both its parts side by side and a product ``outer x
+        rest`` whose parts each span whole rows of ``rest`` is cut along
+        ``outer``: part ``j`` is (piece ``j`` of ``outer``) x ``rest``. This is
+        what a channel shuffle needs, stated once for every such pair:
+        ``cat([a, b]).view(n, 2, c, h, w)`` makes ``a`` and ``b`` the two rows of
+        the product, so each *is* the inner factor (the two halves must change
+        alike); ``view(n, c, 2, ...) -> view(n, 2c, ...)`` followed by
+        ``chunk(2)`` cuts ``c`` in two equal halves and each chunk is (its half
+        of ``c``) x 2. Then a slot mapping travels through the shuffle like
+        through any other product: the channels are permuted, not mixed.
+
+        The new relations can pair up again (the next block's shuffle reads
+        the chunk), so pairs are looked for until none is new; each round is
+        linear in the number of relations and each pair is used once.
+        """
+        done: set[tuple[int, int]] = set()
+        for _ in range(64):  # each round cuts an outer factor into smaller pieces: few rounds are ever needed
+            by_whole: dict[int, tuple[list[int], list[int]]] = {}
+            for position, relation in enumerate(self.relations):
+                entry = by_whole.setdefault(self.find(relation.whole), ([], []))
+                (entry[0] if isinstance(relation, Concat) else entry[1]).append(position)
+            progress = False
+            for concats, products in by_whole.values():
+                for concat_at in concats:
+                    for product_at in products:
+                        if (concat_at, product_at) in done:
+                            continue
+                        done.add((concat_at, product_at))
+                        concat, product = self.relations[concat_at], self.relations[product_at]
+                        assert isinstance(concat, Concat) and isinstance(product, Product)
+                        progress |= self._cut_product(concat, product)
+            if not progress:
+                return
+
+    def _cut_product(self, concat: Concat, product: Product) -> bool:
+        """State each part of ``concat`` as a piece of ``product``'s outer factor times the rest; whether it did."""
+        factors = list(product.factors)
+        while factors and self.width(factors[0]) == 1:
+            factors.pop(0)
+        if len(factors) < 2:
+            return False
+        outer, rest = factors[0], factors[1:]
+        row = math.prod(self.width(factor) for factor in rest)
+        widths = [self.width(part) for part in concat.parts]
+        if any(width % row for width in widths) or sum(widths) // row != self.width(outer):
+            return False
+        pieces = [self.new_space(width // row) for width in widths]
+        self.relate_concat(concat.node, outer, pieces, equal=concat.equal)
+        for part, piece in zip(concat.parts, pieces):
+            self.relate_product(product.node, part, (piece, *rest), detail=product.detail)
+        return True
 
     def _index(self) -> None:
         members: dict[int, list[Member]] = defaultdict(list)
@@ -721,12 +796,15 @@ class SpaceAnalysis:
 
 def _no_rule(context: SpaceContext) -> None:
     """An op without a relation rule: block what it reads, write fresh spaces."""
+    fresh = context.output_fresh()
     if any(_flat_spaces(context.value(argument)) for argument in context.node.all_input_nodes):
         what = "module type " + type(context.module).__name__ if context.module is not None else context.op
-        context.block_inputs(
-            f"no channel-space rule for {what}; teach fxindex with fxindex.register_space_rule"
-        )
-    context.output(context.output_fresh())
+        reason = f"no channel-space rule for {what}; teach fxindex with fxindex.register_space_rule"
+        context.block_inputs(reason)
+        # Its outputs too: they may carry the inputs' channels (T5's position bias through an
+        # unknown where), and a space joined to them downstream must not be resized without them.
+        context.block(_flat_spaces(fresh), reason)
+    context.output(fresh)
 
 
 _STRUCTURAL: dict[str, RelationRule] = {}
@@ -830,11 +908,70 @@ def is_identity(mapping: SlotMapping, width: int) -> bool:
 
 
 def equal_blocks_of(analysis: SpaceAnalysis, root: int) -> int:
-    """The number of equal blocks ``root``'s class must keep (1 when none): the largest such constraint."""
-    blocks = 1
-    for relation in analysis.relations_of(root):
-        if isinstance(relation, Concat) and relation.equal and analysis.find(relation.whole) == root:
-            blocks = math.lcm(blocks, len(relation.parts))
+    """The number of equal blocks ``root``'s class must keep (1 when none).
+
+    Its own equal splits (a grouped convolution, GroupNorm, chunk) and those
+    that reach it through other relations: the parts of an equal split that
+    must themselves keep ``j`` blocks make ``k * j`` blocks of the whole, and
+    a product ``outer x rest`` keeps the blocks of ``outer`` (and passes its
+    own blocks to ``outer`` when they divide it). A channel shuffle chains
+    these: a stream that a later block chunks after one shuffle must keep 2
+    blocks, after two shuffles 4, and so on. See :func:`required_blocks`.
+    """
+    return required_blocks(analysis).get(analysis.find(root), 1)
+
+
+def required_blocks(analysis: SpaceAnalysis) -> dict[int, int]:
+    """Root -> the number of equal blocks its class must keep, for every class that must keep more than 1.
+
+    A fixpoint over the relations, computed once per analysis (a worklist:
+    each class's count only grows, by a factor of at least 2, and never past
+    its width, so the work is the number of relations times a logarithm).
+    A count that would not divide the class's width is not imposed: the
+    solver then refuses the resize that breaks it, naming the node.
+    """
+    cached = getattr(analysis, "_required_blocks", None)
+    if cached is not None:
+        return cached
+    find, width = analysis.find, analysis.width
+    blocks: dict[int, int] = {}
+    queue: deque[int] = deque()
+
+    def raise_to(space: int, count: int) -> None:
+        root = find(space)
+        new = math.lcm(blocks.get(root, 1), count)
+        if new == blocks.get(root, 1) or width(root) % new:
+            return
+        blocks[root] = new
+        queue.append(root)
+
+    def relate(relation: Relation) -> None:
+        if isinstance(relation, Concat):
+            if not relation.equal:
+                return
+            count = len(relation.parts)
+            raise_to(relation.whole, count)
+            for part in relation.parts:
+                raise_to(relation.whole, count * blocks.get(find(part), 1))
+            whole = blocks.get(find(relation.whole), 1)
+            if whole % count == 0:
+                for part in relation.parts:
+                    raise_to(part, whole // count)
+            return
+        wide = [factor for factor in relation.factors if width(factor) != 1]
+        if not wide:
+            return
+        outer = wide[0]
+        raise_to(relation.whole, blocks.get(find(outer), 1))
+        if width(outer) % blocks.get(find(relation.whole), 1) == 0:
+            raise_to(outer, blocks.get(find(relation.whole), 1))
+
+    for relation in analysis.relations:
+        relate(relation)
+    while queue:
+        for relation in analysis.relations_of(queue.popleft()):
+            relate(relation)
+    analysis._required_blocks = blocks  # type: ignore[attr-defined]
     return blocks
 
 
@@ -846,6 +983,63 @@ def default_mapping(old: int, new: int, blocks: int = 1) -> SlotMapping:
     return tuple(
         b * old_block + j if j < old_block else None for b in range(blocks) for j in range(new_block)
     )
+
+
+def default_mappings(analysis: SpaceAnalysis, root: int, new: int) -> list[SlotMapping]:
+    """The mappings a resize of ``root``'s class to width ``new`` may use when no ``keep=`` is given, best first.
+
+    New slots go where the class's structure has room for them:
+
+    * split into equal blocks (a grouped convolution, GroupNorm, chunk, a
+      channel shuffle's halves): at the end of every block;
+    * a product (a Linear whose output a ``view`` splits into ``(3, heads,
+      head_dim)`` or ``(heads, head_dim)``): one factor changes and the
+      others keep their width, outermost first: a new head in each of q, k
+      and v before a wider head_dim in every head, never a fourth of q/k/v
+      when the ``3`` cannot change (the solver and the blocks decide that);
+    * otherwise, or when none of those fits: at the end (the error then says
+      why the structure refuses it).
+
+    Args:
+        analysis: the analysis of the graph.
+        root: the class to resize.
+        new: its new width.
+
+    Returns:
+        Candidate mappings, each of width ``new``, in the order to try them;
+        the plain default (new slots at the end, or the first channels kept)
+        is always one of them (in its place when it is also a structured
+        one: a whole head appended at the end), else the last.
+    """
+    root = analysis.find(root)
+    old = analysis.width(root)
+    blocks = equal_blocks_of(analysis, root)
+    candidates: list[SlotMapping] = []
+    if blocks > 1 and old % blocks == 0 and new % blocks == 0:
+        candidates.append(default_mapping(old, new, blocks))
+    for relation in analysis.relations_of(root):
+        if not isinstance(relation, Product) or analysis.find(relation.whole) != root:
+            continue
+        widths = [analysis.width(factor) for factor in relation.factors]
+        for position, size in enumerate(widths):
+            if size == 1:
+                continue
+            outer, inner = math.prod(widths[:position]), math.prod(widths[position + 1 :])
+            if new % (outer * inner):
+                continue
+            changed = default_mapping(size, new // (outer * inner))
+            mapping = tuple(
+                None if slot is None else (o * size + slot) * inner + i
+                for o in range(outer)
+                for slot in changed
+                for i in range(inner)
+            )
+            if mapping not in candidates:
+                candidates.append(mapping)
+    plain = default_mapping(old, new, blocks if blocks > 1 and old % blocks == 0 and new % blocks == 0 else 1)
+    if plain not in candidates:
+        candidates.append(plain)
+    return candidates
 
 
 def widths_that_work(old: int, blocks: int) -> str:
@@ -871,10 +1065,21 @@ class _Solver:
         root = self.analysis.find(root)
         self.maps[root] = mapping
         queue = deque([root])
-        while queue:
-            current = queue.popleft()
-            for relation in self.analysis.relations_of(current):
-                derived = self.derive(relation)
+        # Relations that could only be derived by assuming their unknown spaces unchanged. They wait
+        # until nothing else is left: another path may still decide those spaces (the other half of
+        # a chunk reached through a channel shuffle), and a guess made first would then conflict.
+        deferred: deque[Relation] = deque()
+        while queue or deferred:
+            if queue:
+                current = queue.popleft()
+                work = [(relation, False) for relation in self.analysis.relations_of(current)]
+            else:
+                work = [(deferred.popleft(), True)]
+            for relation, guess in work:
+                derived = self.derive(relation, guess)
+                if derived is None:
+                    deferred.append(relation)
+                    continue
                 for space, new in derived.items():
                     target = self.analysis.find(space)
                     if target in self.maps:
@@ -897,23 +1102,44 @@ class _Solver:
             if not is_identity(mapping, self.analysis.width(root))
         }
 
-    def derive(self, relation: Relation) -> dict[int, SlotMapping]:
+    def derive(self, relation: Relation, guess: bool = True) -> dict[int, SlotMapping] | None:
+        """The mappings ``relation`` implies; ``None`` when that needs a guess and ``guess`` is false."""
         if isinstance(relation, Concat):
-            return self.derive_concat(relation)
-        return self.derive_product(relation)
+            return self.derive_concat(relation, guess)
+        return self.derive_product(relation, guess)
 
-    def derive_concat(self, relation: Concat) -> dict[int, SlotMapping]:
+    def derive_concat(self, relation: Concat, guess: bool = True) -> dict[int, SlotMapping] | None:
         whole = self.known(relation.whole)
-        if whole is None:
-            if not any(self.known(part) is not None for part in relation.parts):
-                return {}
-            composed: list[int | None] = []
-            offset = 0
-            for part in relation.parts:
-                composed.extend(None if slot is None else offset + slot for slot in self.current(part))
-                offset += self.analysis.width(part)
-            return {relation.whole: tuple(composed)}
-        return self.decompose(relation, whole)
+        if whole is not None:
+            return self.decompose(relation, whole)
+        known = [self.known(part) for part in relation.parts]
+        if all(mapping is None for mapping in known):
+            return {}
+        if any(mapping is None for mapping in known):
+            if not guess:
+                return None
+            if relation.equal:
+                # Equal parts stay equal: a part with no change of its own takes the changed part's
+                # (a chunk's other half, when one half is tied to a resized stream).
+                changed = [mapping for mapping in known if mapping is not None]
+                if len({len(mapping) for mapping in changed}) > 1:
+                    raise EditError(
+                        f"node '{relation.node.name}' ({describe_node(relation.node)}) splits a width of "
+                        f"{self.analysis.width(relation.whole)} into {len(relation.parts)} equal blocks: the resize "
+                        f"would make them {sorted({len(mapping) for mapping in changed})} wide; every block must "
+                        "keep the same width"
+                    )
+                known = [changed[0] if mapping is None else mapping for mapping in known]
+        composed: list[int | None] = []
+        offset = 0
+        for part, mapping in zip(relation.parts, known):
+            composed.extend(None if slot is None else offset + slot for slot in (mapping or self.current(part)))
+            offset += self.analysis.width(part)
+        derived = {relation.whole: tuple(composed)}
+        for part, mapping in zip(relation.parts, known):
+            if mapping is not None and self.known(part) is None:
+                derived[part] = mapping
+        return derived
 
     def decompose(self, relation: Concat, whole: SlotMapping) -> dict[int, SlotMapping]:
         """Cut the whole's mapping into its parts' mappings (each part's slots must stay together)."""
@@ -968,13 +1194,16 @@ class _Solver:
             derived[part] = mapping
         return derived
 
-    def derive_product(self, relation: Product) -> dict[int, SlotMapping]:
+    def derive_product(self, relation: Product, guess: bool = True) -> dict[int, SlotMapping] | None:
+        whole = self.known(relation.whole)
+        if whole is not None:
+            # The whole decides its factors (the solve loop checks them against known ones).
+            return split_product(self.analysis, relation, whole)
         factors = [self.known(factor) for factor in relation.factors]
         if all(mapping is None for mapping in factors):
-            whole = self.known(relation.whole)
-            if whole is not None:
-                return split_product(self.analysis, relation, whole)
             return {}
+        if any(mapping is None for mapping in factors) and not guess:
+            return None
         mappings = [self.current(factor) for factor in relation.factors]
         old_widths = [self.analysis.width(factor) for factor in relation.factors]
         result: list[int | None] = [0]

@@ -342,7 +342,7 @@ def test_keep_with_bad_indices(form: str, keep: list[Any], pattern: str) -> None
 def test_keep_for_a_layer_that_is_not_replaced(form: str) -> None:
     model, options = subject(Chain, form)
     raises_unchanged(
-        model, TypeError, r"keep= names layers \[2\] that are not being replaced",
+        model, EditError, r"keep= names layers \[2\] that are not being replaced",
         lambda: fxindex.replace(model, {0: nn.Linear(4, 8)}, keep={2: [0]}, **options),
     )
 

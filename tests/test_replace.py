@@ -684,19 +684,31 @@ def test_batch_keep_as_a_dict() -> None:
     "call, match",
     [
         (lambda m: fxindex.replace(m, {0: nn.Linear(6, 8), "0": nn.Linear(6, 8)}), "selected twice"),
-        (lambda m: fxindex.replace(m, {}), "empty"),
+        (lambda m: fxindex.replace(m, {}), "the dict of replacements is empty"),
         (lambda m: fxindex.replace(m, {0: nn.Linear(6, 8)}, nn.ReLU()), "leave new_layer out"),
         (lambda m: fxindex.replace(m, 0), "new_layer is missing"),
         (lambda m: fxindex.replace(m, {0: nn.Linear(6, 8), 2: nn.Linear(8, 3)}, keep=[0]), "keep as a dict"),
         (lambda m: fxindex.replace(m, 0, nn.Linear(6, 8), keep={2: [0]}), "not being replaced"),
+        (lambda m: fxindex.plan(m, {}), r"fxindex\.plan: the dict of replacements is empty"),
+        (lambda m: fxindex.remove(m, []), r"fxindex\.remove: the list of layers is empty"),
+        (lambda m: fxindex.remove(m, [1, 1]), r"fxindex\.remove: layer 1 \('1'\) is selected twice"),
+        (lambda m: fxindex.insert(m, {}), r"fxindex\.insert: the dict of insertions is empty"),
+        (lambda m: fxindex.insert(m, 0), r"fxindex\.insert: new_layer is missing"),
+        (lambda m: fxindex.replace(m, 0, nn.Linear(6, 8), share_untouched=True, inplace=True), "share_untouched=True is for copies"),
     ],
-    ids=["same-site-twice", "empty-dict", "dict-and-new-layer", "no-new-layer", "keep-list-with-dict", "keep-unknown-layer"],
+    ids=[
+        "same-site-twice", "empty-dict", "dict-and-new-layer", "no-new-layer", "keep-list-with-dict",
+        "keep-unknown-layer", "plan-empty-dict", "remove-empty-list", "remove-twice", "insert-empty-dict",
+        "insert-no-new-layer", "share-untouched-inplace",
+    ],  # fmt: skip
 )
 def test_batch_argument_errors(call: Callable, match: str) -> None:
+    """Arguments of the right types that do not fit together are value errors (EditError), not TypeErrors."""
     model = MLP().eval()
     snap = snapshot(model)
-    with pytest.raises(TypeError, match=match):
+    with pytest.raises(fxindex.EditError, match=match) as info:
         call(model)
+    assert isinstance(info.value, ValueError) and not isinstance(info.value, TypeError)
     assert_unchanged(model, snap)
 
 

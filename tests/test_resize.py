@@ -485,3 +485,63 @@ def test_functional_layers_with_get_attr_weights_and_channel_padding():
     # The new input slots sit between the old channels and the trailing pad channel.
     assert_outputs_close(result.weight[:, 9:12], torch.zeros(6, 3, 1, 1))
     assert_outputs_close(result.weight[:, 12], model.weight[:, 9])
+
+
+class WindowAttention(nn.Module):
+    """Swin's window attention: a fused qkv reshaped to (B, N, 3, heads, -1), a relative position bias table."""
+
+    def __init__(self, dim: int = 24, heads: int = 3, tokens: int = 4) -> None:
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.table = nn.Parameter(torch.randn(7, heads))
+        self.register_buffer("index", torch.randint(0, 7, (tokens, tokens), generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        bias = self.table[self.index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
+        attn = (attn + bias.unsqueeze(0)).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+@pytest.fixture()
+def window_attention() -> tuple[nn.Module, fx.GraphModule, torch.Tensor]:
+    torch.manual_seed(0)
+    model = WindowAttention().eval()
+    x = torch.randn(2, 4, 24)
+    return model, fxindex.trace(model, example_inputs=(x,)), x
+
+
+def _head_channels(heads: list[int], head_dim: int = 8, width: int = 24) -> list[int]:
+    return [third * width + h * head_dim + j for third in range(3) for h in heads for j in range(head_dim)]
+
+
+def test_fused_qkv_loses_a_head_in_q_k_v_and_the_bias_table(window_attention) -> None:
+    model, gm, x = window_attention
+    narrow = resize(gm, "qkv", keep=_head_channels([0, 2]))
+    narrow.graph.lint()
+    assert (narrow.qkv.out_features, narrow.proj.in_features, tuple(narrow.table.shape)) == (48, 16, (7, 2))
+    # Head 1 reaches the output only through its 8 input columns of proj.
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference.proj.weight[:, 8:16] = 0
+    torch.testing.assert_close(narrow(x), reference(x))
+
+
+@pytest.mark.parametrize(("extra", "heads", "head_dim"), [(24, 4, 8), (9, 3, 9)])
+def test_fused_qkv_widens_by_a_head_or_by_every_heads_width(window_attention, extra: int, heads: int, head_dim: int) -> None:
+    """+3*head_dim adds a head to each of q, k and v (not a fourth of them); +3*heads widens every head alike."""
+    model, gm, x = window_attention
+    wider = resize(gm, "qkv", 72 + extra)
+    wider.graph.lint()
+    assert (wider.proj.in_features, wider.table.shape[1]) == (heads * head_dim, heads)
+    torch.testing.assert_close(wider(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_qkv_refuses_a_width_that_cuts_a_head_and_lists_the_widths_that_work(window_attention) -> None:
+    _, gm, _ = window_attention
+    with pytest.raises(fxindex.EditError, match=r"node 'reshape'.*cuts through a block.*widths that work here: .*81"):
+        resize(gm, "qkv", 80)

@@ -24,11 +24,15 @@ every op that touches it), so every sampled site counts and every refusal is
 printed with its reason. Two rates are asserted: over all sampled sites
 (``MIN_OVERALL_RATE``), and over the sites outside ``KNOWN_GAPS``
 (``MIN_SUCCESS_RATE``, the issue's 95%). ``KNOWN_GAPS`` lists what fxindex does
-not do yet, by message pattern: today only ShuffleNetV2's channel shuffle
-(``view(b, 2, c/2, h, w)`` + ``transpose`` + ``view``: a permutation of a cat of
-two equal halves that the next block chunks again; fxindex does not map a new
-width through it and refuses, naming the ``view``). On the CI sample the
-overall rate is 74/78 (94.9%): the 4 refusals are that gap.
+not do yet, by message pattern: today only part of ShuffleNetV2's channel
+shuffles. fxindex maps a shuffle (``view(b, 2, c/2, h, w)`` + ``transpose`` +
+``view``) as a permutation: the halves of each ``cat`` change alike and each
+later ``chunk`` takes half of them times 2, so channels go in runs (2, 4...
+deep into a stage) and halves nest (2, 4, 8 blocks...). Refused, naming the
+``view`` of the shuffle: the sample's L1 ``keep=`` where it splits such a run
+(stage 2), and any resize of stage 3, whose 7 chained chunks would need 2**7
+nested blocks of its 48 channels. On the CI sample the overall rate is 75/78
+(96.2%; it was 74/78 before shuffles were mapped): the 3 refusals are that gap.
 
 CI samples ``SAMPLED_SITES`` sites per model, spread evenly over its
 Conv/Linear sites (first and last included), of the models in ``CI_MODELS``;
@@ -83,12 +87,15 @@ MODELS = [name for name in zoo.TRACEABLE_MODELS if name not in EXCLUDED] if FULL
 SAMPLED_SITES = 6
 EXTRA = 8
 MIN_SUCCESS_RATE = 0.95  # over the sites outside KNOWN_GAPS
-MIN_OVERALL_RATE = 0.90  # over every sampled site, gaps included
+MIN_OVERALL_RATE = 0.95  # over every sampled site, gaps included (75/78 on the CI sample)
 TOLERANCE = 1e-4  # relative to the output's magnitude (random weights let activations grow large)
 
 # What fxindex cannot do yet, by refusal message: (pattern, reason counted in the summary).
 KNOWN_GAPS: tuple[tuple[str, str], ...] = (
-    (r"reshapes the dimension of width \d+ into 2x\d+", "channel shuffle: view(b, 2, c/2, h, w) splits the channels"),
+    (
+        r"reshapes the dimension of width \d+ into \d+x2 ",
+        "channel shuffle: keep= splits a run of interleaved channels, or the nested halves do not divide the width",
+    ),
 )
 
 

@@ -221,7 +221,6 @@ def _softmax(step: Step, dim: int | None) -> Outcome:
     if dim is not None and change.reads(dim, rank):
         return Outcome(
             output=change,
-            preserves_function=False,
             reason="softmax normalises across the changed dimension: new entries change the others",
         )
     return Outcome(output=change)

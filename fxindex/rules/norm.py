@@ -77,7 +77,6 @@ def propagate_group_norm(step: Step) -> Outcome:
         output=change,
         module=rebuild(module, attributes={"num_channels": change.new_size}, parameters=parameters),
         weights=describe_slots(change, "channels", new_as="identity"),
-        preserves_function=False,
         reason="GroupNorm normalises across channels of a group: new channels change the statistics",
     )
 
@@ -109,7 +108,6 @@ def propagate_layer_norm(step: Step) -> Outcome:
         output=change,
         module=rebuild(module, attributes={"normalized_shape": tuple(new_shape)}, parameters=parameters),
         weights=describe_slots(change, "features", new_as="identity"),
-        preserves_function=False,
         reason="LayerNorm normalises across the changed dimension: new features change the statistics",
     )
 

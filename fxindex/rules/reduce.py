@@ -33,7 +33,6 @@ def propagate_reduction(step: Step) -> Outcome:
     if dim in reduced:
         return Outcome(
             output=None,
-            preserves_function=False,
             reason="the reduction runs across the changed dimension: new slots enter the result",
         )
     if keepdim:

@@ -123,10 +123,11 @@ class Outcome:
         module: a rebuilt module to call at this site instead of the old one.
         args: rewritten positional arguments (``None`` keeps them).
         kwargs: rewritten keyword arguments (``None`` keeps them).
-        weights: a short account of which weights were kept, sliced or new.
-        preserves_function: ``False`` when new channels alter values of old
-            ones here (LayerNorm, GroupNorm, softmax across the changed dim).
-        reason: why the function is not preserved, when it is not.
+        weights: a short account of which weights were kept, sliced or new
+            (clauses separated by ``"; "``).
+        reason: why new channels alter values of old ones here (LayerNorm,
+            GroupNorm, softmax across the changed dim), or ``None`` when the
+            function is preserved.
     """
 
     output: ChannelChange | None
@@ -134,8 +135,12 @@ class Outcome:
     args: tuple[Any, ...] | None = None
     kwargs: dict[str, Any] | None = None
     weights: str = ""
-    preserves_function: bool = True
-    reason: str = ""
+    reason: str | None = None
+
+    @property
+    def preserves_function(self) -> bool:
+        """Whether old channels keep their values through this node: there is no :attr:`reason` they do not."""
+        return self.reason is None
 
 
 @dataclass

@@ -10,6 +10,7 @@ hard-coded sizes in a ``view``/``reshape`` call are rewritten to the new shape.
 from __future__ import annotations
 
 import builtins
+import operator
 import math
 from typing import Any
 
@@ -183,3 +184,146 @@ def propagate_transpose(step: Step) -> Outcome:
 def propagate_metadata(step: Step) -> Outcome:
     """``x.size()``, ``x.shape``: no tensor comes out; the values are read at run time."""
     return Outcome(output=None)
+
+
+@register_rule(*aten_overloads("_assert_tensor_metadata.default"))
+def propagate_assert_metadata(step: Step) -> Outcome:
+    """torch.export's check of a tensor's dtype/device: returns nothing; one that names sizes cannot follow."""
+    sizes = [step.node.kwargs.get(key) for key in ("size", "stride")] + list(step.node.args[1:3])
+    if any(value is not None for value in sizes):
+        raise step.fail("torch.export asserts the sizes or strides of this tensor, whose shape changes")
+    return Outcome(output=None)
+
+
+# --------------------------------------------------------------------------------- split, chunk and their parts
+
+SPLIT_ATEN = aten_overloads("split.Tensor", "split_with_sizes.default")
+CHUNK_ATEN = aten_overloads("chunk.default")
+
+
+def _part_change(step: Step, change: ChannelChange, count: int, old_part: int, what: str) -> ChannelChange:
+    """The change of every part when ``count`` equal parts of ``old_part`` slots cut the changed dim.
+
+    Every part must change alike: each part's new slots carry old slots of
+    the same part, at the same local positions.
+    """
+    if change.new_size % count:
+        raise step.fail(
+            f"{what} cuts the changed dimension ({change.describe()}) into {count} equal parts, and "
+            f"{change.new_size} does not divide by {count}; use a multiple of {count}"
+        )
+    new_part = change.new_size // count
+    locals_: list[tuple[int | None, ...]] = []
+    for i in range(count):
+        piece = change.mapping[i * new_part : (i + 1) * new_part]
+        if any(slot is not None and not i * old_part <= slot < (i + 1) * old_part for slot in piece):
+            locals_.append(())
+            continue
+        locals_.append(tuple(None if slot is None else slot - i * old_part for slot in piece))
+    if any(not mapping for mapping in locals_) or len(set(locals_)) > 1:
+        raise step.fail(
+            f"{what} cuts the changed dimension ({change.describe()}) into {count} parts of {old_part}, and the "
+            "change is not the same in every part (each part's new slots must carry that part's old slots, at "
+            "the same places in every part); keep= the same channels of every part, or resize the channel group "
+            "with fxindex.resize, which keeps the parts' structure"
+        )
+    return ChannelChange(change.dim, change.rank, old_part, locals_[0])
+
+
+@register_rule(torch.split, "split", *SPLIT_ATEN, torch.chunk, "chunk", *CHUNK_ATEN)
+def propagate_split(step: Step) -> Outcome:
+    """``split``/``chunk``: a change along another dim passes to every part; along the cut dim it must be the same in each.
+
+    The node's output change is the change of each of its parts (they are
+    read by ``getitem``): the same slots along another dim, or, when the
+    parts cut the changed dim, the one per-part change (``chunk``'s count
+    stays; ``split``'s sizes are rewritten to the new part width). Parts of
+    different sizes along the changed dim are refused.
+    """
+    change = step.input_change()
+    node = step.node
+    chunk = node.target in (torch.chunk, "chunk") or node.target in CHUNK_ATEN
+    source = node.args[0]
+    rank = step.rank(source) or change.rank
+    dim = argument(node, 2, "dim", 0)
+    what = "chunk" if chunk else "split"
+    if not isinstance(dim, int):
+        raise step.fail(f"it {what}s along a dim computed in the graph, which fxindex cannot place")
+    if not change.reads(dim, rank):
+        return Outcome(output=change)
+    old = change.old_size
+    if chunk:
+        count = argument(node, 1, "chunks")
+        if not isinstance(count, int) or count < 1 or old % count:
+            raise step.fail(f"chunk({count!r}) of the changed dimension ({change.describe()}) into unequal parts")
+        return Outcome(output=_part_change(step, change, count, old // count, f"chunk({count})"))
+    key = "split_size_or_sections" if node.op == "call_function" else "split_size"
+    sizes = argument(node, 1, key)
+    if isinstance(sizes, int):
+        part, count = sizes, (old // sizes if sizes > 0 and old % sizes == 0 else 0)
+    elif isinstance(sizes, (list, tuple)) and sizes and all(isinstance(size, int) for size in sizes) and len(set(sizes)) == 1:
+        part, count = sizes[0], len(sizes)
+    else:
+        part, count = 0, 0
+    if not count or part * count != old:
+        raise step.fail(
+            f"split({sizes!r}) cuts the changed dimension ({change.describe()}) into parts of different sizes, which "
+            "would change differently; resize the channel group with fxindex.resize"
+        )
+    output = _part_change(step, change, count, part, f"split({sizes!r})")
+    new_sizes: Any = output.new_size if isinstance(sizes, int) else type(sizes)([output.new_size] * count)
+    if len(node.args) > 1:
+        return Outcome(output=output, args=(node.args[0], new_sizes, *node.args[2:]))
+    return Outcome(output=output, kwargs={**node.kwargs, key: new_sizes})
+
+
+_PARTS_TARGETS = (torch.split, "split", torch.chunk, "chunk", torch.unbind, "unbind", *SPLIT_ATEN, *CHUNK_ATEN)
+
+
+@register_rule(operator.getitem)
+def propagate_getitem(step: Step) -> Outcome:
+    """``parts[i]`` of a changed ``split``/``chunk`` (or another node returning a tuple): the part's change.
+
+    Indexing a changed tensor itself (``x[:, :c]``) passes the change when
+    the index keeps the changed dim whole and every index before it is an
+    int, ``None`` or a full slice; anything else is refused (a slice of the
+    changed dim would need its bounds moved: resize the group instead).
+    """
+    source, index = step.node.args[0], step.node.args[1]
+    change = step.input_change(source)
+    meta = source.meta.get("tensor_meta") if isinstance(source, fx.Node) else None
+    several = isinstance(meta, (tuple, list)) or (
+        isinstance(source, fx.Node) and source.op in ("call_function", "call_method") and source.target in _PARTS_TARGETS
+    )
+    if several:
+        if not isinstance(index, int):
+            raise step.fail(f"index {index!r} into the parts is not a constant int")
+        return Outcome(output=change)
+    items = list(index) if isinstance(index, tuple) else [index]
+    rank = step.rank(source) or change.rank
+    dim = change.dim % rank if rank else change.dim
+    if dim < 0:
+        step.old_shape(source, needed_for="follow the changed dimension through indexing")
+    position = 0  # the input dim the next item indexes
+    out_dim = dim
+    for item in items:
+        if position > dim:
+            break
+        if item is None:
+            out_dim += 1
+            continue
+        if item is Ellipsis or isinstance(item, fx.Node) or not isinstance(item, (int, slice)):
+            raise step.fail(f"index {index!r} reaches the changed dimension ({change.describe()}) in a way fxindex cannot follow")
+        if position == dim:
+            if item != slice(None):
+                raise step.fail(
+                    f"index {index!r} slices the changed dimension ({change.describe()}); resize the channel group "
+                    "with fxindex.resize, which moves slice bounds"
+                )
+        elif isinstance(item, int):
+            out_dim -= 1
+        position += 1
+    new_rank = None
+    if rank:
+        new_rank = rank - sum(isinstance(item, int) for item in items) + sum(item is None for item in items)
+    return Outcome(output=ChannelChange(out_dim, new_rank, change.old_size, change.mapping))

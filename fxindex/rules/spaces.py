@@ -43,6 +43,7 @@ from fxindex.rules.join import _BINARY, CAT_ATEN
 from fxindex.rules.rebuild import rebuild
 from fxindex.rules.registry import argument, remap
 from fxindex.rules.reshape import _shape_arguments, group_dimensions
+from fxindex._shapes import TensorMetadata
 from fxindex._spaces import Dims, NodeEdit, RebuildRequest, SlotMapping, SpaceContext, register_space_rule
 
 __all__ = ["relate_get_attr"]
@@ -283,8 +284,11 @@ def _rebuild_channel_norm(request: RebuildRequest) -> NodeEdit:
     return NodeEdit(
         module=rebuild(module, attributes={attribute: len(mapping)}, parameters=parameters, buffers=buffers),
         weights=_account(mapping, request.old_widths["channels"], "channels", "identity"),
-        preserves_function=not isinstance(module, nn.GroupNorm),
-        reason="GroupNorm normalises across the channels of a group: new channels change the statistics",
+        reason=(
+            "GroupNorm normalises across the channels of a group: new channels change the statistics"
+            if isinstance(module, nn.GroupNorm)
+            else None
+        ),
     )
 
 
@@ -351,7 +355,6 @@ def _rebuild_layer_norm(request: RebuildRequest) -> NodeEdit:
     return NodeEdit(
         module=rebuild(module, attributes={"normalized_shape": tuple(shape)}, parameters=parameters),
         weights="; ".join(accounts),
-        preserves_function=False,
         reason="LayerNorm normalises across the resized dimension: new features change the statistics",
     )
 
@@ -457,8 +460,7 @@ def _rebuild_multihead_attention(request: RebuildRequest) -> NodeEdit:
     return NodeEdit(
         module=new,
         weights=_account(mapping, old, "embedding features", "zero") + " (in_proj q/k/v and out_proj alike)",
-        preserves_function=not changes_scale,
-        reason="the heads' width changes, and with it the attention's 1/sqrt(head_dim) scale",
+        reason="the heads' width changes, and with it the attention's 1/sqrt(head_dim) scale" if changes_scale else None,
     )
 
 
@@ -574,10 +576,22 @@ def relate_metadata(context: SpaceContext) -> None:
     context.output(None)
 
 
+@register_space_rule(*aten_overloads("_assert_tensor_metadata.default"))
+def relate_assert_metadata(context: SpaceContext) -> None:
+    """torch.export's check of a tensor's dtype/device (``x.to(dtype)`` in eager attention): returns nothing.
+
+    A check that names sizes or strides would fail after a resize: it blocks them.
+    """
+    sizes = [context.node.kwargs.get(key) for key in ("size", "stride")] + list(context.node.args[1:3])
+    if any(value is not None for value in sizes):
+        context.block_inputs("torch.export asserts this tensor's sizes or strides")
+    context.output(None)
+
+
 # --------------------------------------------------------------------------------- joins
 
 
-@register_space_rule(*_BINARY, torch.where, *aten_overloads("where.self"))
+@register_space_rule(*_BINARY, torch.where, *aten_overloads("where.self", "where.ScalarOther", "where.ScalarSelf"))
 def relate_binary(context: SpaceContext) -> None:
     """Elementwise ops with broadcasting: dims that meet at the same size are one space."""
     shape = context.shape(context.node)
@@ -1028,6 +1042,8 @@ def relate_getitem(context: SpaceContext) -> None:
     dims = value
     old = context.shape(source)
     shape = context.shape(context.node)
+    if _gather_rows(context, dims, index, old, shape):
+        return
     items = list(index) if isinstance(index, tuple) else [index]
     if old is None or any(isinstance(item, fx.Node) or isinstance(item, (list, torch.Tensor)) for item in items):
         context.block_inputs("advanced indexing (by tensors or lists)")
@@ -1081,6 +1097,30 @@ def relate_getitem(context: SpaceContext) -> None:
             context.block_inputs(f"index {item!r}")
             return
     context.output(tuple(result))
+
+
+def _gather_rows(
+    context: SpaceContext, dims: Dims, index: Any, old: tuple[int, ...] | None, shape: tuple[int, ...] | None
+) -> bool:
+    """``table[idx]`` with an integer index tensor: rows of dim 0 looked up; the other dims pass. Whether it was.
+
+    Swin's relative position bias reads ``table[index]`` (table ``(L, heads)``):
+    the heads dim of the result is the table's, so removing a head removes
+    its column of the table. Dim 0 is looked up slot by slot (any row, any
+    number of times), so it cannot be resized and is blocked; the result's
+    leading dims have the index's shape.
+    """
+    if not isinstance(index, fx.Node) or old is None or shape is None or not dims:
+        return False
+    meta = index.meta.get("tensor_meta")
+    if not isinstance(meta, TensorMetadata) or meta.dtype.is_floating_point or meta.dtype == torch.bool:
+        return False
+    looked_up = tuple(int(size) for size in meta.shape)
+    if shape != looked_up + tuple(old[1:]):
+        return False
+    context.block(dims[0], "rows looked up by an index tensor: which row each slot reads is data, not a slot mapping")
+    context.output(context.fresh_dims(looked_up) + tuple(dims[1:]))
+    return True
 
 
 def _slice_relation(
@@ -1388,10 +1428,9 @@ def _rebuild_functional_layer_norm(request: RebuildRequest) -> NodeEdit:
     args = list(node.args)
     if len(args) > 1:
         args[1] = type(argument(node, 1, "normalized_shape"))(shape)
-        return NodeEdit(args=tuple(args), preserves_function=False, reason="layer_norm normalises across the resized dim")
+        return NodeEdit(args=tuple(args), reason="layer_norm normalises across the resized dim")
     return NodeEdit(
         kwargs={**node.kwargs, "normalized_shape": tuple(shape)},
-        preserves_function=False,
         reason="layer_norm normalises across the resized dim",
     )
 
@@ -1424,7 +1463,6 @@ def relate_functional_layer_norm(context: SpaceContext) -> None:
 def _functional_group_norm_edit(request: RebuildRequest) -> NodeEdit:
     # Nothing to rewrite (num_groups stays; the weight and bias are get_attr members of their own).
     return NodeEdit(
-        preserves_function=False,
         reason="group_norm normalises across the channels of a group: new channels change the statistics",
     )
 
