@@ -72,12 +72,18 @@ def tensor_meta(node: fx.Node) -> TensorMetadata | None:
     return meta if isinstance(meta, TensorMetadata) else None
 
 
+def _holds_tensor(value: Any) -> bool:
+    """Whether ``value`` is a tensor or a container with one inside."""
+    return any(isinstance(leaf, torch.Tensor) for leaf in torch.utils._pytree.tree_leaves(value))
+
+
 def shapes_recorded(graph: fx.Graph) -> bool:
     """Whether every placeholder of ``graph`` has its shape recorded or was not given.
 
     A placeholder has its shape when it carries ``tensor_meta``; one marked
     with :data:`NOT_GIVEN_KEY` is an optional argument of ``forward`` that the
-    example inputs left out, known not to be a tensor, so it needs none. A
+    example inputs left out, or gave a value without tensors (``None``, a
+    number), known not to be a tensor, so it needs none. A
     graph without placeholders passes (callers decide what that means).
 
     Args:
@@ -613,6 +619,9 @@ class _ShapeRecorder(fx.Interpreter):
             return rest
         value = next(self.args_iter, _MISSING)
         if value is not _MISSING:
+            if node is not None and not _holds_tensor(value):
+                # Given, but no tensor (T5's ``(ids, None, ids)``): it needs no shape either.
+                self.not_given.add(node)
             return value
         if not args:
             raise RuntimeError(f"no example input for the required argument {target!r} of forward")

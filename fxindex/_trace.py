@@ -494,6 +494,45 @@ def _symbolic_failure(model: nn.Module, tracer: LeafTracer, error: Exception) ->
     )
 
 
+# The first line of a torch.export error can be a whole symbolic expression (one term per
+# detection of each class of an SSD): kept to this many characters in a message.
+_FIRST_LINE_LIMIT = 400
+
+
+def _backbone_advice(model: nn.Module) -> str:
+    """What to say when a model with a ``backbone`` submodule (a detector) cannot be captured; ``""`` otherwise.
+
+    torchvision's detectors (Faster R-CNN, RetinaNet, SSD, FCOS...), and
+    others built the same way, call ``self.backbone`` on a batch tensor
+    between a transform that loops over a list of images and heads whose
+    post-processing (NMS, top-k per class) has data-dependent sizes: the
+    backbone is the part both captures can read.
+    """
+    backbone = model._modules.get("backbone")
+    if not isinstance(backbone, nn.Module):
+        return ""
+    name = type(model).__name__
+    heads = [
+        child for child, module in model._modules.items()
+        if child != "backbone" and module is not None and any(True for _ in module.parameters())
+    ]  # fmt: skip
+    channels = getattr(backbone, "out_channels", None)
+    keep = f" ({channels} channels, model.backbone.out_channels)" if isinstance(channels, int) else ""
+    follow = (
+        f"; when they change, the layers of {', '.join(f'model.{head}' for head in heads)} that read them must follow"
+        if heads
+        else ""
+    )
+    return (
+        f" {name} looks like a detection model (it has a 'backbone' submodule): detection models cannot be captured "
+        "whole, by either capture: their forward loops over a list of images and their post-processing (NMS, top-k) "
+        "has data-dependent sizes. Edit the backbone instead, on a batch tensor: for example "
+        "fxindex.replace(model.backbone, ..., example_inputs=(torch.randn(1, 3, H, W),), inplace=True) edits "
+        f"model.backbone itself and keeps the {name} working, as long as the backbone's output channels stay the "
+        f"same{keep}{follow}."
+    )
+
+
 def _both_failed(model: nn.Module, symbolic: TraceError | None, failure: ExportFailure) -> TraceError:
     """The TraceError when the export capture failed too (or was the only one asked for)."""
     where = failure.module_path
@@ -501,14 +540,19 @@ def _both_failed(model: nn.Module, symbolic: TraceError | None, failure: ExportF
     location, line_text = _location_or_forward(failure.error, model)
     message = str(failure.error).strip().splitlines()
     first = message[0] if message else ""
+    if len(first) > _FIRST_LINE_LIMIT:
+        first = first[:_FIRST_LINE_LIMIT] + " ... (shortened)"
     export_text = (
         f"torch.export.export(strict=False) broke in {module_text} {line_text}: {type(failure.error).__name__}: {first}"
     )
+    advice = _backbone_advice(model)
     if symbolic is None:
-        return TraceError(f"cannot capture {type(model).__name__}: {export_text}", qualified_name=where or "", location=location)
+        return TraceError(
+            f"cannot capture {type(model).__name__}: {export_text}{advice}", qualified_name=where or "", location=location
+        )
     return TraceError(
         f"cannot capture {type(model).__name__} either way. (1) symbolic tracing: {symbolic} "
-        f"(2) {export_text}",
+        f"(2) {export_text}{advice}",
         qualified_name=symbolic.qualified_name,
         location=symbolic.location,
     )

@@ -13,6 +13,15 @@ An fxindex edit produces a ``GraphModule``: the model's class, its methods
 * parameters and buffers read by ops in the graph (``get_attr``: a
   layer-scale ``gamma``, an RMSNorm ``weight``) that the edit changed are set
   on their owners;
+* the size attributes an attention module's ``forward`` reads follow a head
+  edit of its projections (see :data:`HEAD_LAYOUTS`): Llama/Qwen2/Mistral/ViT
+  ``head_dim``, ``num_key_value_groups``; GPT-2 ``num_heads``, ``head_dim``,
+  ``split_size``, ``embed_dim``; BERT ``num_attention_heads``,
+  ``attention_head_size``, ``all_head_size``; T5 ``n_heads``,
+  ``key_value_proj_dim``, ``inner_dim``; timm ``num_heads``, ``head_dim``,
+  ``attn_dim`` (``head_dim`` is read from the edited
+  graph's split into heads, so a change of every head's width is told from a
+  removal of whole heads);
 * the model then runs its own ``forward`` (eval mode, no autograd, its hooks
   firing, the RNG forked) on the example inputs and its output is compared
   with the edited graph's. They differ when the edit needed a graph rewrite
@@ -20,8 +29,9 @@ An fxindex edit produces a ``GraphModule``: the model's class, its methods
   then every module, parameter and buffer is put back (the same objects) and
   :class:`~fxindex.EditError` names the rewritten nodes and suggests
   ``inplace=False``;
-* a transformers model's config (``intermediate_size``, ``hidden_size``,
-  ``num_attention_heads``, ``num_key_value_heads``) follows a uniform edit,
+* a transformers model's config (``intermediate_size`` and GPT-2's
+  ``n_inner``, T5's ``d_ff``, ``hidden_size``, ``num_attention_heads``,
+  ``num_key_value_heads``, ``head_dim``) follows a uniform edit,
   checked by building the model class from the new config on the meta device
   and comparing every state-dict shape, so ``save_pretrained`` /
   ``from_pretrained`` round-trip; an edit the config cannot describe (layers
@@ -38,8 +48,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,7 +60,7 @@ from torch import fx, nn
 from fxindex._errors import EditError, EditWarning
 from fxindex._plan import PlannedEdit
 
-__all__ = ["write_back"]
+__all__ = ["HEAD_LAYOUTS", "HeadLayout", "write_back"]
 
 _MISSING = object()
 
@@ -58,11 +70,66 @@ RTOL = 1e-4
 ATOL = 1e-5
 
 #: Size attributes of a transformers config that a write-back may update.
-CONFIG_SIZES = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+CONFIG_SIZES = (
+    "hidden_size", "intermediate_size", "n_inner", "d_ff", "num_attention_heads", "num_key_value_heads", "head_dim",
+)  # fmt: skip
 
 #: Words in the qualified names of MLP layers in transformers models (Llama/Qwen2/Mistral ``mlp``,
-#: BERT ``intermediate``, others ``feed_forward``/``ffn``).
-_MLP_WORDS = ("mlp", "intermediate", "feed_forward", "ffn")
+#: BERT ``intermediate``, T5 ``DenseReluDense``, others ``feed_forward``/``ffn``).
+_MLP_WORDS = ("mlp", "intermediate", "feed_forward", "ffn", "densereludense")
+
+#: Config attributes that state the MLP's intermediate width: most models' ``intermediate_size``,
+#: GPT-2's ``n_inner`` (``None``: four times ``hidden_size``), T5's ``d_ff``.
+_INTERMEDIATE_SIZES = ("intermediate_size", "n_inner", "d_ff")
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Where an attention module of one family keeps its head sizes, and which children split into heads.
+
+    Attributes:
+        query: the child projection whose output is the query heads (``q_proj``), or
+            the fused one that holds ``parts`` equal parts (GPT-2's ``c_attn``: q, k, v).
+        key: the child whose output is the key/value heads (fewer under
+            grouped-query attention), or ``None`` when they are the query's.
+        parts: how many equal parts the query child's output holds.
+        heads: attributes holding the number of query heads.
+        kv_heads: attributes holding the number of key/value heads.
+        head_dim: attributes holding one head's width.
+        width: attributes holding all heads' width (heads times head_dim).
+        groups: attributes holding query heads per key/value head.
+    """
+
+    query: str
+    key: str | None = None
+    parts: int = 1
+    heads: tuple[str, ...] = ()
+    kv_heads: tuple[str, ...] = ()
+    head_dim: tuple[str, ...] = ()
+    width: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+
+
+#: The attention layouts of transformers models, tried in order on every module whose children
+#: the write-back replaced. A module has a layout when it has the ``query`` child and at least one
+#: of the attributes as an int. Scales (``scaling``) are left: the edited graph keeps the old scale.
+HEAD_LAYOUTS = (
+    # Llama, Qwen2, Mistral, Gemma, ViT (transformers 5): q_proj/k_proj/v_proj/o_proj.
+    HeadLayout(
+        "q_proj", "k_proj", heads=("num_heads", "num_attention_heads"), kv_heads=("num_key_value_heads",),
+        head_dim=("head_dim",), width=("all_head_size",), groups=("num_key_value_groups",),
+    ),
+    # BERT and its kin: query/key/value.
+    HeadLayout(
+        "query", "key", heads=("num_attention_heads",), head_dim=("attention_head_size",), width=("all_head_size",)
+    ),
+    # GPT-2: c_attn holds q, k and v side by side; split_size is one part's width.
+    HeadLayout("c_attn", parts=3, heads=("num_heads",), head_dim=("head_dim",), width=("split_size", "embed_dim")),
+    # T5: q/k/v/o.
+    HeadLayout("q", "k", heads=("n_heads",), head_dim=("key_value_proj_dim",), width=("inner_dim",)),
+    # timm's Attention (ViT, DeiT, EVA...): qkv holds q, k and v side by side.
+    HeadLayout("qkv", parts=3, heads=("num_heads",), head_dim=("head_dim",), width=("attn_dim",)),
+)  # fmt: skip
 
 
 class _Undo:
@@ -289,6 +356,119 @@ def _set_tensors(model: nn.Module, edited: fx.GraphModule, undo: _Undo) -> None:
                 undo.set(owner.__dict__, atom, new)
 
 
+def _out_width(module: nn.Module | None) -> int | None:
+    """A projection's output width: ``out_features`` of a Linear, ``nf`` of transformers' ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    nf = getattr(module, "nf", None) if module is not None and type(module).__name__ == "Conv1D" else None
+    return nf if isinstance(nf, int) else None
+
+
+def _int_attribute(module: nn.Module, names: Sequence[str]) -> int | None:
+    """The first of ``names`` that ``module`` holds as a plain int, or ``None``."""
+    for name in names:
+        value = module.__dict__.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def layout_of(module: nn.Module) -> HeadLayout | None:
+    """The :data:`HEAD_LAYOUTS` entry of an attention module: its query child is there, and one size attribute.
+
+    Args:
+        module: any module.
+
+    Returns:
+        The first layout that fits, or ``None``.
+    """
+    for layout in HEAD_LAYOUTS:
+        if _out_width(module._modules.get(layout.query)) is None:
+            continue
+        names = (*layout.heads, *layout.kv_heads, *layout.head_dim, *layout.width, *layout.groups)
+        if _int_attribute(module, names) is not None:
+            return layout
+    return None
+
+
+_RESHAPES = frozenset({"view", "reshape", "aten.view.default", "aten.reshape.default", "aten._unsafe_view.default"})
+_SPLITS = frozenset({"split", "chunk", "aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default"})
+
+
+def _graph_head_dim(edited: fx.GraphModule, target: str) -> int | None:
+    """One head's width in the edited graph: the last dim of the reshape that splits ``target``'s output into heads.
+
+    The graph states it whichever way the edit went (whole heads removed, or
+    every head narrowed), where the projection's width alone cannot tell
+    4 heads of 4 from 2 heads of 8.
+    """
+    from fxindex._shapes import TensorMetadata
+
+    calls = [node for node in edited.graph.nodes if node.op == "call_module" and str(node.target) == target]
+    meta = calls[0].meta.get("tensor_meta") if len(calls) == 1 else None
+    if not isinstance(meta, TensorMetadata):
+        return None
+    rank = len(meta.shape)
+    frontier = [calls[0]]
+    # Through a split of fused q/k/v (GPT-2's c_attn) and its getitems: a few steps at most.
+    for _ in range(3):
+        following = []
+        for node in frontier:
+            for user in node.users:
+                name = str(user.target)
+                user_meta = user.meta.get("tensor_meta")
+                # (..., heads, head_dim), or (..., 3, heads, head_dim) straight from a fused qkv (timm).
+                if name in _RESHAPES and isinstance(user_meta, TensorMetadata) and len(user_meta.shape) in (rank + 1, rank + 2):
+                    return int(user_meta.shape[-1])
+                if name in _SPLITS or user.target is operator.getitem:
+                    following.append(user)
+        frontier = following
+    return None
+
+
+def _set_head_attributes(model: nn.Module, edited: fx.GraphModule, written: set[str], undo: _Undo) -> None:
+    """Make the head sizes of attention modules (:data:`HEAD_LAYOUTS`) follow the projections written back.
+
+    A module is looked at when its query or key projection was set; its head
+    width comes from the edited graph (else its own attribute), its head
+    counts from the projections' widths. Attributes it does not hold as ints
+    are left alone; each change goes into ``undo``.
+    """
+    for name, module in model.named_modules():
+        layout = layout_of(module)
+        if layout is None:
+            continue
+        prefix = f"{name}." if name else ""
+        query_target, key_target = prefix + layout.query, prefix + layout.key if layout.key else None
+        if query_target not in written and key_target not in written:
+            continue
+        width = _out_width(module._modules.get(layout.query))
+        head_dim = _graph_head_dim(edited, query_target) or _int_attribute(module, layout.head_dim)
+        if width is None or width % layout.parts or not head_dim or (width // layout.parts) % head_dim:
+            continue
+        heads = width // layout.parts // head_dim
+        kv_heads = heads
+        if layout.key is not None and layout.key in module._modules:
+            key_width = _out_width(module._modules[layout.key])
+            if key_width is None or key_width % head_dim:
+                continue
+            kv_heads = key_width // head_dim
+        values: dict[str, int] = {}
+        for names, value in (
+            (layout.heads, heads),
+            (layout.kv_heads, kv_heads),
+            (layout.head_dim, head_dim),
+            (layout.width, heads * head_dim),
+        ):
+            values.update(dict.fromkeys(names, value))
+        if kv_heads and heads % kv_heads == 0:
+            values.update(dict.fromkeys(layout.groups, heads // kv_heads))
+        for attribute, value in values.items():
+            old = module.__dict__.get(attribute)
+            if isinstance(old, int) and not isinstance(old, bool) and old != value:
+                undo.set(module.__dict__, attribute, value)
+
+
 def _verification_inputs(edited: fx.GraphModule, example_inputs: tuple[Any, ...] | None, caller: str) -> tuple[Any, ...]:
     """The inputs to compare on: the caller's, else random ones of the recorded shapes (seeded)."""
     if example_inputs is not None:
@@ -420,43 +600,65 @@ def _config_sizes(model: nn.Module, config: Any, before: Mapping[str, nn.Module]
     proposed: dict[str, int] = {}
     problems: list[str] = []
 
-    def measure(attribute: str, names: list[str], width: Any) -> None:
+    def measure(attribute: str, names: list[str], width: Any, current: Any = None) -> None:
+        current = getattr(config, attribute) if current is None else current
         widths = {name: width(model.get_submodule(name)) for name in names if _lookup(model, name) is not None}
         values = set(widths.values())
         if len(values) == 1:
             value = values.pop()
-            if value is not None and value != getattr(config, attribute):
+            if value is not None and value != current:
                 proposed[attribute] = value
         elif len(values) > 1:
             listed = ", ".join(f"{name} {value}" for name, value in widths.items())
-            problems.append(f"{attribute}={getattr(config, attribute)} but the layers differ: {listed}")
+            problems.append(f"{attribute}={current} but the layers differ: {listed}")
 
-    intermediate = getattr(config, "intermediate_size", None)
-    if isinstance(intermediate, int):
+    hidden = getattr(config, "hidden_size", None)
+    # The first intermediate attribute the config has (GPT-2's n_inner None means 4 * hidden_size).
+    attribute = next((name for name in _INTERMEDIATE_SIZES if hasattr(config, name)), None)
+    intermediate = getattr(config, attribute) if attribute is not None else None
+    if attribute == "n_inner" and intermediate is None and isinstance(hidden, int):
+        intermediate = 4 * hidden
+    if attribute is not None and isinstance(intermediate, int):
         producers = [
             name for name, module in before.items()
-            if isinstance(module, nn.Linear) and module.out_features == intermediate
-            and any(part.startswith(word) for part in name.split(".") for word in _MLP_WORDS)
-        ]
-        measure("intermediate_size", producers, lambda m: getattr(m, "out_features", None))
-    hidden = getattr(config, "hidden_size", None)
+            if _out_width(module) == intermediate
+            and any(part.lower().startswith(word) for part in name.split(".") for word in _MLP_WORDS)
+        ]  # fmt: skip
+        measure(attribute, producers, _out_width, intermediate)
     heads = getattr(config, "num_attention_heads", None)
     head_dim = getattr(config, "head_dim", None) or (hidden // heads if isinstance(hidden, int) and heads else None)
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if isinstance(hidden, int) and isinstance(embeddings, nn.Embedding) and embeddings.embedding_dim != hidden:
         proposed["hidden_size"] = embeddings.embedding_dim
+    attentions = {name: layout for name, module in model.named_modules() if (layout := layout_of(module)) is not None}
+    if isinstance(getattr(config, "head_dim", None), int) and attentions:
+        # Every head narrowed alike: the attention modules' own head_dim (set from the edited graph) says so.
+        measure("head_dim", list(attentions), lambda m: _int_attribute(m, layout_of(m).head_dim))  # type: ignore[union-attr]
+        head_dim = proposed.get("head_dim", head_dim)
     if isinstance(head_dim, int) and head_dim > 0:
+        dim = head_dim
 
-        def heads_of(module: nn.Module) -> int | None:
+        def heads_of(module: nn.Module, parts: int) -> int | None:
             # Whole heads only: a projection that cut through a head has no head count.
-            if isinstance(module, nn.Linear) and module.out_features % head_dim == 0:
-                return module.out_features // head_dim
+            width = _out_width(module)
+            if width is not None and width % (parts * dim) == 0:
+                return width // (parts * dim)
             return None
 
-        for attribute, suffix in (("num_attention_heads", "q_proj"), ("num_key_value_heads", "k_proj")):
-            if isinstance(getattr(config, attribute, None), int):
-                names = [n for n, m in before.items() if n.endswith(suffix) and isinstance(m, nn.Linear)]
-                measure(attribute, names, heads_of)
+        for attribute, key in (("num_attention_heads", "query"), ("num_key_value_heads", "key")):
+            if not isinstance(getattr(config, attribute, None), int):
+                continue
+            names, parts = [], 1
+            for name, layout in attentions.items():
+                child = getattr(layout, key)
+                target = f"{name}.{child}" if name else str(child)
+                if child is not None and _out_width(before.get(target)) is not None:
+                    names.append(target)
+                    parts = layout.parts if key == "query" else 1
+            measure(attribute, names, lambda m, parts=parts: heads_of(m, parts))
+        if "num_attention_heads" in proposed and not isinstance(getattr(config, "head_dim", None), int):
+            # A config without head_dim derives it from hidden_size // num_attention_heads: state it.
+            proposed.setdefault("head_dim", head_dim)
     return proposed, problems
 
 
@@ -481,6 +683,22 @@ def _config_mismatch(model_class: type[nn.Module], config: Any, actual: Mapping[
     return None
 
 
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the user's line, past every fxindex frame.
+
+    ``write_back`` is reached through ``replace``, ``resize``, ``remove`` or
+    ``insert`` at different depths: a fixed level would name a line of fxindex.
+    """
+    import os
+    import sys
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep  # fxindex/ and its subpackages
+    frame, level = sys._getframe(1), 1  # the caller of this function is level 1 of warnings.warn there
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _update_config(
     model: nn.Module, before: Mapping[str, nn.Module], shapes_before: Mapping[str, tuple[int, ...]], caller: str
 ) -> None:
@@ -493,30 +711,34 @@ def _update_config(
         caller: the public function the warning names.
     """
     config = model.config
-    if _config_mismatch(type(model), config, shapes_before) is not None:
-        return  # the config did not describe the model before the edit either: nothing to keep true
+    # A config that did not describe the model before this edit (an earlier non-uniform edit, which
+    # warned then) is not warned about again; but an edit that makes the model uniform again (the
+    # last layer of a layer-by-layer narrowing) gets a config that describes it.
+    described = _config_mismatch(type(model), config, shapes_before) is None
     proposed, problems = _config_sizes(model, config, before)
     advice = (
         "save_pretrained/from_pretrained would not rebuild this model: save it with fxindex.save(gm, path) "
         "(the GraphModule from inplace=False) instead"
     )
     if problems:
-        warnings.warn(
-            f"{caller}: the model's config no longer describes the model ({'; '.join(problems)}); {advice}",
-            EditWarning,
-            stacklevel=3,
-        )
+        if described:
+            warnings.warn(
+                f"{caller}: the model's config no longer describes the model ({'; '.join(problems)}); {advice}",
+                EditWarning,
+                stacklevel=_caller_stacklevel(),
+            )
         return
     candidate = copy.deepcopy(config)
     for attribute, value in proposed.items():
         setattr(candidate, attribute, value)
     mismatch = _config_mismatch(type(model), candidate, _state_shapes(model))
     if mismatch is not None:
-        warnings.warn(
-            f"{caller}: the model's config no longer describes the model ({mismatch}); {advice}",
-            EditWarning,
-            stacklevel=3,
-        )
+        if described:
+            warnings.warn(
+                f"{caller}: the model's config no longer describes the model ({mismatch}); {advice}",
+                EditWarning,
+                stacklevel=_caller_stacklevel(),
+            )
         return
     # The model's own config object (shared by its submodules), not a copy.
     for attribute, value in proposed.items():
@@ -586,6 +808,7 @@ def write_back(
                 table, atom = _parent_table(model, target, caller)
                 undo.set(table, atom, module)
             _set_tensors(model, edited, undo)
+            _set_head_attributes(model, edited, {target for target, _ in modules}, undo)
             actual = model(*inputs)
             found = _difference(expected, actual, "output")
             problem = None if found is None else f"its output differs from the planned graph's ({found})"

@@ -204,3 +204,31 @@ def test_timm_vit_traces_with_shapes_and_widens_an_mlp_function_preservingly() -
     result = fxindex.replace(gm, "blocks.0.mlp.fc1", new)
     assert result.get_submodule("blocks.0.mlp.fc2").in_features == fc1.out_features + 16
     torch.testing.assert_close(result(*inputs), model(*inputs), rtol=1e-5, atol=1e-5)
+
+
+class IgnoresExtras(nn.Module):
+    """forward(x, mask, scale): both extras given as non-tensors by callers (T5's ``(ids, None, ids)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor, mask: object = None, scale: object = 1) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_arguments_given_as_non_tensors_need_no_shapes() -> None:
+    torch.manual_seed(0)
+    model = IgnoresExtras().eval()
+    x = torch.randn(3, 4)
+    gm = fxindex.trace(model, example_inputs=(x, None, 2))
+    marked = [node.name for node in gm.graph.find_nodes(op="placeholder") if node.meta.get(NOT_GIVEN_KEY)]
+    assert marked == ["mask", "scale"]
+    assert shapes_recorded(gm.graph)
+    wider = fxindex.resize(gm, "fc1", 9)  # needs shapes: a ShapesRequiredError before
+    assert wider.fc1.out_features == 9 and wider.fc2.in_features == 9
+    torch.testing.assert_close(wider(x, None, 2), model(x))
+    # Recorded again with a tensor in that place: it needs its shape like any input.
+    fxindex.record_shapes(gm, (x, torch.ones(3, 1), 2))
+    assert [n.name for n in gm.graph.find_nodes(op="placeholder") if n.meta.get(NOT_GIVEN_KEY)] == ["scale"]

@@ -188,6 +188,18 @@ def build(factory: Callable[[], nn.Module], shape: tuple[int, ...]) -> Callable:
     return make
 
 
+def _halves_added(x: torch.Tensor) -> torch.Tensor:
+    """torch.split along the height, the two parts added: the channel change passes to each part."""
+    top, bottom = torch.split(x, 3, dim=2)
+    return top + bottom
+
+
+def _chunks_joined(x: torch.Tensor) -> torch.Tensor:
+    """x.chunk along the width, joined again along it."""
+    left, right = x.chunk(2, dim=3)
+    return torch.cat([right, left], 3)
+
+
 ROWS: list[Row] = [
     # -- shape-preserving modules --------------------------------------------------------
     Row("ReLU", conv_chain(nn.ReLU())),
@@ -317,6 +329,10 @@ ROWS: list[Row] = [
     Row("x.add(y)", conv_chain(fn(lambda x: x.add(x.relu())))),
     Row("torch.maximum", conv_chain(fn(lambda x: torch.maximum(x, -x)))),
     Row("add-broadcast-other", build(BroadcastAdd, IMG), needs_shapes=True),
+    # -- split, chunk and getitem along another dim --------------------------------------
+    Row("torch.split-other-dim", conv_chain(fn(_halves_added))),
+    Row("x.chunk-other-dim", conv_chain(fn(_chunks_joined))),
+    Row("x.chunk-getitem", conv_chain(fn(lambda x: x.chunk(2, dim=2)[0]))),
 ]
 
 ROW_IDS = [row.id for row in ROWS]

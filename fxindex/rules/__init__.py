@@ -30,6 +30,7 @@ the channel-space relations (imported when a group is first analysed).
 
 from fxindex._layer_classes import register_layer
 from fxindex.rules import conv, elementwise, join, linear, norm, recurrent, reduce, reshape  # noqa: F401  (registers)
+from fxindex.rules import transformers as _transformers  # noqa: F401  (registers Conv1D's rules when transformers loads)
 from fxindex.rules.rebuild import rebuild
 from fxindex.rules.registry import (
     ChannelChange,
