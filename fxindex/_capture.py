@@ -243,6 +243,63 @@ def export_with_marks(
     return ExportCapture(program, calls, notes)
 
 
+def _inline_context_subgraphs(program: Any) -> None:
+    """Put the bodies of torch.export's autocast / set-grad wrappers back into the main graph.
+
+    torch.export turns a ``with torch.autocast(...)`` block in ``forward`` (timm's
+    efficientvit LiteMLA) into one ``wrap_with_autocast`` call on a subgraph, and
+    a ``with torch.set_grad_enabled(...)`` block into ``wrap_with_set_grad_enabled``;
+    the leaf calls inside would then be out of the lifting's reach. Inlined, the
+    block is what export produced before that pass: the enter and exit of the
+    context as plain calls around the block's ops, which fx runs as written.
+    """
+    wrappers = {}
+    for name, enter, exit_ in (
+        ("wrap_with_autocast", torch.amp.autocast_mode._enter_autocast, torch.amp.autocast_mode._exit_autocast),
+        ("wrap_with_set_grad_enabled", torch._C._set_grad_enabled, None),
+    ):
+        operator_ = getattr(torch.ops.higher_order, name, None)
+        if operator_ is not None:
+            wrappers[operator_] = (name, enter, exit_)
+    graph_module = program.graph_module
+    graph = graph_module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in wrappers:
+            continue
+        name, enter, exit_ = wrappers[node.target]
+        # wrap_with_autocast(device_type, dtype, enabled, cache_enabled, body, *operands);
+        # wrap_with_set_grad_enabled(enable_grad, body, *operands).
+        count = 4 if name == "wrap_with_autocast" else 1
+        context_args, body, operands = node.args[:count], node.args[count], node.args[count + 1 :]
+        if not (isinstance(body, fx.Node) and body.op == "get_attr"):
+            continue
+        subgraph = attrgetter(body.target)(graph_module)
+        placeholders = [n for n in subgraph.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(operands):
+            continue  # not the form this torch writes: left for lift to refuse by name
+        with graph.inserting_before(node):
+            if name == "wrap_with_autocast":
+                state = graph.call_function(enter, tuple(context_args))
+            else:
+                previous = graph.call_function(torch.is_grad_enabled, ())
+                graph.call_function(enter, tuple(context_args))
+            result = graph.graph_copy(subgraph.graph, dict(zip(placeholders, operands)))
+            if name == "wrap_with_autocast":
+                graph.call_function(exit_, (state,))
+            else:
+                graph.call_function(enter, (previous,))
+        results = result if isinstance(result, (tuple, list)) else (result,)
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is operator.getitem:
+                user.replace_all_uses_with(results[user.args[1]])
+                graph.erase_node(user)
+        if node.users:
+            raise TraceError(f"torch.export's {name} call '{node.name}' is read other than by index: fxindex cannot lift it")
+        graph.erase_node(node)
+        if not body.users:
+            graph.erase_node(body)
+
+
 def _state_names(program: Any) -> tuple[dict[str, str], dict[str, str], list[str]]:
     """Placeholder name -> state-dict name (params, buffers), -> constant name, and user inputs in order."""
     from torch.export.graph_signature import InputKind
@@ -341,6 +398,7 @@ def lift(
     from torch.export.graph_signature import OutputKind
 
     program = capture.program
+    _inline_context_subgraphs(program)
     source = program.graph
     states, constant_names, user_inputs = _state_names(program)
     graph = fx.Graph()

@@ -208,3 +208,45 @@ def test_bert_from_a_tiny_config() -> None:
     widened = fxindex.replace(gm, position, wide)
     assert widened.get_submodule("encoder.layer.0.output.dense").in_features == 48
     assert torch.allclose(widened(ids)["last_hidden_state"], expected, atol=1e-6)
+
+
+class AutocastBlock(nn.Module):
+    """A block computed with autocast off, as timm's efficientvit LiteMLA does (export wraps it in a subgraph)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+        self.grad = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type="cpu", enabled=False):
+            y = torch.relu(self.inner(x.float()))
+        with torch.set_grad_enabled(False):
+            y = y + self.grad(y)
+        return self.head(y)
+
+
+def test_autocast_and_set_grad_blocks_are_inlined_and_their_layers_indexed() -> None:
+    torch.manual_seed(0)
+    model = AutocastBlock().eval()
+    x = torch.randn(2, 6)
+    gm = fxindex.trace(model, example_inputs=(x,), capture="export")
+    assert gm.meta["fxindex_capture"] == "export"
+    gm.graph.lint()
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["inner", "grad", "head"]
+    assert not any("wrap_with" in str(n.target) for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(x), model(x))
+    wider = fxindex.replace(gm, "inner", _widened_linear(model.inner, 4), example_inputs=(x,))
+    torch.testing.assert_close(wider(x), model(x))  # function-preserving through the inlined block
+    assert torch.is_grad_enabled()  # the set-grad block's state was put back
+
+
+def _widened_linear(old: nn.Linear, extra: int) -> nn.Linear:
+    new = nn.Linear(old.in_features, old.out_features + extra)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.bias.zero_()
+        new.weight[: old.out_features] = old.weight
+        new.bias[: old.out_features] = old.bias
+    return new

@@ -177,15 +177,8 @@ BELOW_HALF = {
     "name",
     [
         "mobilevit_xxs",
-        pytest.param(
-            "efficientvit_b0",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=fxindex.TraceError,
-                reason="torch.export wraps LiteMLA's autocast(enabled=False) block in a wrap_with_autocast "
-                "subgraph, which the lift refuses",
-            ),
-        ),
+        # LiteMLA's autocast(enabled=False) block: torch.export wraps it in a subgraph, which the lift inlines.
+        "efficientvit_b0",
         "raft_small",
     ],
 )
