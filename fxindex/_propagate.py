@@ -98,6 +98,20 @@ def _shapes_of(meta: Any) -> Any:
     return None
 
 
+def check_kept_slots(keep: Sequence[int], old_size: int, label: str, has: str) -> None:
+    """``keep=`` names old slots once each, all in range: an :class:`EditError` otherwise.
+
+    Shared by ``replace``'s and ``resize``'s ``keep=``; ``has`` says what the
+    old width is of (``"the old layer has 8 outputs"``).
+    """
+    bad = [slot for slot in keep if not 0 <= slot < old_size]
+    if bad:
+        raise EditError(f"{label}: keep= indices {bad} are out of range: {has} (0..{old_size - 1})")
+    if len(set(keep)) != len(keep):
+        duplicates = sorted(slot for slot, count in Counter(keep).items() if count > 1)
+        raise EditError(f"{label}: keep= repeats indices {duplicates}: each old channel can be kept once")
+
+
 def _slots(keep: Sequence[int] | None, old_size: int, new_size: int, label: str) -> tuple[int | None, ...]:
     """The mapping of new output slots to old ones, from ``keep`` or by position."""
     if keep is None:
@@ -105,12 +119,7 @@ def _slots(keep: Sequence[int] | None, old_size: int, new_size: int, label: str)
     keep = list(keep)
     if not all(isinstance(slot, int) and not isinstance(slot, bool) for slot in keep):
         raise EditError(f"{label}: keep= must hold int channel indices, got {keep!r}")
-    bad = [slot for slot in keep if not 0 <= slot < old_size]
-    if bad:
-        raise EditError(f"{label}: keep= indices {bad} are out of range: the old layer has {old_size} outputs (0..{old_size - 1})")
-    if len(set(keep)) != len(keep):
-        duplicates = sorted(slot for slot, count in Counter(keep).items() if count > 1)
-        raise EditError(f"{label}: keep= repeats indices {duplicates}: each old channel can be kept once")
+    check_kept_slots(keep, old_size, label, f"the old layer has {old_size} outputs")
     if len(keep) > new_size:
         raise EditError(f"{label}: keep= names {len(keep)} channels but the new layer has only {new_size} outputs")
     return tuple(keep) + (None,) * (new_size - len(keep))

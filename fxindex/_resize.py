@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from operator import attrgetter
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,6 +35,7 @@ from fxindex._index import LayerIndex
 from fxindex._plan import Plan, PlannedEdit
 from fxindex._preserve import own_forward, verify_rebuilt
 from fxindex._recipe import record_edit, restore_meta
+from fxindex._propagate import check_kept_slots
 from fxindex._replace import _as_slots, apply_plan
 from fxindex._shapes import record_shapes
 from fxindex._spaces import (
@@ -80,12 +81,7 @@ def _start_mapping(old: int, width: int | None, keep: Sequence[int] | None, bloc
     keep = list(_as_slots(keep, label))
     if not keep:
         raise EditError(f"{label}: keep= is empty: a layer needs at least one channel")
-    bad = [slot for slot in keep if not 0 <= slot < old]
-    if bad:
-        raise EditError(f"{label}: keep= indices {bad} are out of range: the layer has {old} channels (0..{old - 1})")
-    if len(set(keep)) != len(keep):
-        duplicates = sorted(slot for slot, count in Counter(keep).items() if count > 1)
-        raise EditError(f"{label}: keep= repeats indices {duplicates}: each old channel can be kept once")
+    check_kept_slots(keep, old, label, f"the layer has {old} channels")
     width = len(keep) if width is None else width
     if width < len(keep):
         raise EditError(f"{label}: keep= names {len(keep)} channels but width is {width}")

@@ -8,6 +8,7 @@ from torch import nn
 
 import fxindex
 from fxindex._errors import TraceError
+from models import resized
 
 LOOP_LINE = "for _ in range(x.size(0)):"
 
@@ -237,16 +238,7 @@ def test_autocast_and_set_grad_blocks_are_inlined_and_their_layers_indexed() -> 
     assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["inner", "grad", "head"]
     assert not any("wrap_with" in str(n.target) for n in gm.graph.nodes)
     torch.testing.assert_close(gm(x), model(x))
-    wider = fxindex.replace(gm, "inner", _widened_linear(model.inner, 4), example_inputs=(x,))
+    wider = fxindex.replace(gm, "inner", resized(model.inner, 10), example_inputs=(x,))
     torch.testing.assert_close(wider(x), model(x))  # function-preserving through the inlined block
     assert torch.is_grad_enabled()  # the set-grad block's state was put back
 
-
-def _widened_linear(old: nn.Linear, extra: int) -> nn.Linear:
-    new = nn.Linear(old.in_features, old.out_features + extra)
-    with torch.no_grad():
-        new.weight.zero_()
-        new.bias.zero_()
-        new.weight[: old.out_features] = old.weight
-        new.bias[: old.out_features] = old.bias
-    return new

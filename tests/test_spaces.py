@@ -511,3 +511,24 @@ def test_analysis_is_linear_in_depth():
         found = group(analysis.graph_module, 0)
         assert len(found.producers) == depth
     assert sizes[1] <= 2.1 * sizes[0]
+
+
+class JoinedAfterUnknownOp(nn.Module):
+    """``cumsum(a(x)) + b(x)``: cumsum has no space rule, so b's group meets an output fxindex cannot follow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cumsum(self.a(x), 2) + self.b(x))
+
+
+def test_an_op_without_a_space_rule_blocks_its_output_too() -> None:
+    """Its output may carry its input's channels: a group joined to it downstream must not be resized without it."""
+    gm = fxindex.trace(JoinedAfterUnknownOp().eval(), example_inputs=(torch.randn(1, 3, 5, 5),))
+    found = fxindex.group(gm, "b")
+    assert not found.resizable
+    assert found.blocked_by == "cumsum" and "no channel-space rule for torch.cumsum" in found.reason
+    with pytest.raises(fxindex.FxIndexError, match="cumsum"):
+        fxindex.resize(gm, "b", 6)
