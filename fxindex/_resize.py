@@ -39,6 +39,7 @@ from fxindex._propagate import check_kept_slots
 from fxindex._replace import _as_slots, apply_plan
 from fxindex._shapes import record_shapes
 from fxindex._spaces import (
+    Concat,
     NodeEdit,
     Product,
     RebuildRequest,
@@ -104,6 +105,19 @@ def _start_mapping(old: int, width: int | None, keep: Sequence[int] | None, bloc
     return tuple(keep) + (None,) * (width - len(keep))
 
 
+def _whole_parts_fit(analysis: SpaceAnalysis, root: int, width: int | None) -> bool:
+    """Whether ``width`` is a whole number of the parts of a concat whose part count may change."""
+    if width is None:
+        return False
+    return any(
+        isinstance(relation, Concat)
+        and relation.whole_parts
+        and analysis.find(relation.whole) == root
+        and width % analysis.width(relation.parts[0]) == 0
+        for relation in analysis.relations_of(root)
+    )
+
+
 def _check_reach(analysis: SpaceAnalysis, changes: Mapping[int, SlotMapping]) -> None:
     """Refuse ``changes`` that reach a blocked class (what :func:`_plan` checks first, without its label)."""
     for root in changes:
@@ -141,7 +155,7 @@ def _solve_width(analysis: SpaceAnalysis, root: int, width: int) -> tuple[SlotMa
 
 
 def _candidate_widths(analysis: SpaceAnalysis, root: int, around: int) -> list[int]:
-    """Widths worth trying near ``around``: steps of the equal blocks and of each product factor's blocks, nearest first."""
+    """Widths worth trying near ``around``: steps of the equal blocks, of each product factor's blocks and of whole parts, nearest first."""
     old = analysis.width(root)
     steps = {equal_blocks_of(analysis, root)}
     for relation in analysis.relations_of(root):
@@ -149,6 +163,9 @@ def _candidate_widths(analysis: SpaceAnalysis, root: int, around: int) -> list[i
         if isinstance(relation, Product) and analysis.find(relation.whole) == root:
             widths = [analysis.width(factor) for factor in relation.factors]
             steps.update(old // size for size in widths if size > 1)
+        # Whole parts whose count may change (MultiheadAttention's heads): steps of one part.
+        if isinstance(relation, Concat) and relation.whole_parts and analysis.find(relation.whole) == root:
+            steps.add(analysis.width(relation.parts[0]))
     tried = sorted(
         {old + k * step for step in steps for k in range(-3, 4) if k and old + k * step > 0} - {around},
         key=lambda w: (abs(w - around), w),
@@ -380,6 +397,12 @@ def _plan_resize(
             found.blocked_by or "",
         )
     blocks = equal_blocks_of(analysis, root)
+    if keep is not None:
+        keep = list(_as_slots(keep, label))  # read once here: a generator is used up by this
+    if _whole_parts_fit(analysis, root, width if keep is None or width is not None else len(keep)):
+        # Whole heads kept, dropped or added (MultiheadAttention): the head count may change, so
+        # the equal-blocks count is no constraint here; the solver checks the mapping.
+        blocks = 1
     try:
         mapping = _start_mapping(found.width, width, keep, blocks, label)
         if keep is None:

@@ -69,6 +69,7 @@ __all__ = [
     "describe_node",
     "default_mappings",
     "required_blocks",
+    "whole_part_owners",
 ]
 
 SlotMapping = tuple[Union[int, None], ...]
@@ -118,12 +119,22 @@ class Concat:
         whole: space id of the whole.
         parts: space ids of the parts, in order.
         equal: the parts must keep equal widths (``chunk``, grouped conv).
+        whole_parts: with ``equal``, the number of parts may change too: a
+            mapping of the whole that keeps, drops, reorders or adds whole
+            parts (each new run of a part's width is one old part in order, or
+            all new) goes through, as well as one that changes every part
+            alike (``MultiheadAttention``'s heads: ``num_heads`` or
+            ``head_dim`` changes). See :func:`whole_part_owners`.
+        detail: what the parts are, for error messages (``" (the heads of
+            MultiheadAttention 'attn')"``).
     """
 
     node: fx.Node
     whole: int
     parts: tuple[int, ...]
     equal: bool = False
+    whole_parts: bool = False
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -413,13 +424,24 @@ class SpaceContext:
         """``first`` and ``second`` are one space (they must have the same width)."""
         self.analysis.unify(first, second, self.node)
 
-    def concat(self, whole: int, parts: Sequence[int], *, equal: bool = False) -> None:
-        """``whole`` is ``parts`` side by side (widths must add up)."""
+    def concat(
+        self, whole: int, parts: Sequence[int], *, equal: bool = False, whole_parts: bool = False, detail: str = ""
+    ) -> None:
+        """``whole`` is ``parts`` side by side (widths must add up).
+
+        Args:
+            whole: the whole space.
+            parts: its parts, in order.
+            equal: the parts must keep equal widths.
+            whole_parts: with ``equal``, whole parts may also be kept, dropped or
+                added (see :class:`Concat`).
+            detail: what the parts are, said when a resize cuts through one.
+        """
         parts = tuple(parts)
         if sum(self.width(part) for part in parts) != self.width(whole):
             self.block([whole, *parts], "the parts' widths do not add up to the whole's")
             return
-        self.analysis.relate_concat(self.node, whole, parts, equal=equal)
+        self.analysis.relate_concat(self.node, whole, parts, equal=equal, whole_parts=whole_parts, detail=detail)
 
     def product(self, whole: int, factors: Sequence[int], *, detail: str = "") -> None:
         """``whole`` is the row-major product of ``factors`` (widths must multiply up).
@@ -579,13 +601,22 @@ class SpaceAnalysis:
     def add_relation(self, relation: Relation) -> None:
         self.relations.append(relation)
 
-    def relate_concat(self, node: fx.Node, whole: int, parts: Sequence[int], *, equal: bool = False) -> None:
+    def relate_concat(
+        self,
+        node: fx.Node,
+        whole: int,
+        parts: Sequence[int],
+        *,
+        equal: bool = False,
+        whole_parts: bool = False,
+        detail: str = "",
+    ) -> None:
         """Record that ``whole`` is ``parts`` side by side (the widths are known to add up)."""
         parts = tuple(parts)
         if len(parts) == 1 and not equal:
             self.unify(whole, parts[0], node)
             return
-        self.add_relation(Concat(node, whole, parts, equal))
+        self.add_relation(Concat(node, whole, parts, equal, whole_parts and equal, detail))
 
     def relate_product(self, node: fx.Node, whole: int, factors: Sequence[int], *, detail: str = "") -> None:
         """Record that ``whole`` is the row-major product of ``factors`` (the widths are known to multiply up)."""
@@ -990,6 +1021,9 @@ def default_mappings(analysis: SpaceAnalysis, root: int, new: int) -> list[SlotM
 
     New slots go where the class's structure has room for them:
 
+    * split into whole parts that may come and go (``MultiheadAttention``'s
+      heads), by a multiple of a part's width: whole parts appended at the
+      end (or the last ones dropped), before the per-block mapping below;
     * split into equal blocks (a grouped convolution, GroupNorm, chunk, a
       channel shuffle's halves): at the end of every block;
     * a product (a Linear whose output a ``view`` splits into ``(3, heads,
@@ -1015,6 +1049,13 @@ def default_mappings(analysis: SpaceAnalysis, root: int, new: int) -> list[SlotM
     old = analysis.width(root)
     blocks = equal_blocks_of(analysis, root)
     candidates: list[SlotMapping] = []
+    for relation in analysis.relations_of(root):
+        # Whole parts first (MultiheadAttention's heads): a new head keeps the function, a wider one does not.
+        if isinstance(relation, Concat) and relation.whole_parts and analysis.find(relation.whole) == root:
+            if new % analysis.width(relation.parts[0]) == 0:
+                mapping = default_mapping(old, new)
+                if mapping not in candidates:
+                    candidates.append(mapping)
     if blocks > 1 and old % blocks == 0 and new % blocks == 0:
         candidates.append(default_mapping(old, new, blocks))
     for relation in analysis.relations_of(root):
@@ -1040,6 +1081,46 @@ def default_mappings(analysis: SpaceAnalysis, root: int, new: int) -> list[SlotM
     if plain not in candidates:
         candidates.append(plain)
     return candidates
+
+
+def whole_part_owners(mapping: SlotMapping, size: int, count: int) -> tuple[int | None, ...] | None:
+    """The old part each run of ``size`` new slots is, when ``mapping`` keeps, drops or adds whole parts only.
+
+    Each run of ``size`` consecutive new slots must be one old part's slots in
+    order (``p * size`` to ``p * size + size - 1``) or all new; each old part
+    is used at most once. This is how a :class:`Concat` with ``whole_parts``
+    changes its number of parts (``MultiheadAttention``: heads kept, dropped
+    or added; ``num_heads`` changes, ``head_dim`` stays).
+
+    Args:
+        mapping: the whole's new mapping.
+        size: the width of one part.
+        count: the old number of parts.
+
+    Returns:
+        For each new part, the old part it is (``None``: a new part), or
+        ``None`` when ``mapping`` is not made of whole parts.
+
+    >>> whole_part_owners((0, 1, 4, 5, None, None), 2, 3)
+    (0, 2, None)
+    >>> whole_part_owners((1, 2, 3, 4), 2, 3) is None
+    True
+    """
+    if not mapping or size <= 0 or len(mapping) % size:
+        return None
+    owners: list[int | None] = []
+    for start in range(0, len(mapping), size):
+        run = mapping[start : start + size]
+        if all(slot is None for slot in run):
+            owners.append(None)
+            continue
+        first = run[0]
+        if first is None or first % size or first // size >= count or first // size in owners:
+            return None
+        if any(slot != first + j for j, slot in enumerate(run)):
+            return None
+        owners.append(first // size)
+    return tuple(owners)
 
 
 def widths_that_work(old: int, blocks: int) -> str:
@@ -1151,6 +1232,15 @@ class _Solver:
                 owners.append(owners[-1] if owners else 0)
             else:
                 owners.append(next(i for i in range(len(widths)) if starts[i] <= slot < starts[i] + widths[i]))
+        if relation.whole_parts:
+            count = len(relation.parts)
+            kept = whole_part_owners(whole, widths[0], count)
+            if kept is not None:
+                # Whole parts kept, dropped or added: the kept ones are unchanged, the others have no
+                # space of their own (the parts are the rule's own fresh spaces, related only here).
+                return {relation.parts[owner]: identity(widths[0]) for owner in kept if owner is not None}
+            if not _equal_parts(whole, owners, count):
+                raise EditError(_whole_parts_message(self.analysis, relation, whole))
         if relation.equal:
             # New slots are spread evenly over the blocks: slot j belongs to block j // (new width / blocks).
             count = len(relation.parts)
@@ -1214,6 +1304,30 @@ class _Solver:
                 for slot in mapping
             ]
         return {relation.whole: tuple(result)}
+
+
+def _equal_parts(whole: SlotMapping, owners: Sequence[int], count: int) -> bool:
+    """Whether ``whole`` keeps the same number of slots in each of ``count`` equal parts, in part order."""
+    if len(whole) % count:
+        return False
+    size = len(whole) // count
+    return all(slot is None or owner == j // size for j, (owner, slot) in enumerate(zip(owners, whole)))
+
+
+def _whole_parts_message(analysis: SpaceAnalysis, relation: Concat, whole: SlotMapping) -> str:
+    """Why ``whole`` fits neither whole parts nor equal parts of ``relation``, and which widths do."""
+    old = analysis.width(relation.whole)
+    count = len(relation.parts)
+    size = old // count
+    kept = [slot for slot in whole if slot is not None]
+    shown = f"old slots {kept[:12]}{'...' if len(kept) > 12 else ''} kept, {len(whole) - len(kept)} new"
+    return (
+        f"node '{relation.node.name}' ({describe_node(relation.node)}) splits a width of {old} into {count} blocks "
+        f"of {size}{relation.detail}: the new width {len(whole)} ({shown}) cuts through a block; possible: whole "
+        f"blocks kept, dropped or added, each in its own order (multiples of {size}: {_examples(old, size)}), or "
+        f"the same number of channels kept or added in every block, in block order (multiples of {count}: "
+        f"{_examples(old, count)})"
+    )
 
 
 def _factor_pair(mapping: SlotMapping, outer: int, inner: int) -> tuple[SlotMapping, SlotMapping] | None:

@@ -291,3 +291,198 @@ def test_bert_loses_one_of_four_heads_in_one_layer(ids) -> None:
     hidden = out["last_hidden_state"] if isinstance(out, dict) else out.last_hidden_state
     assert hidden.shape == (1, 8, WIDTH)
     torch.testing.assert_close(hidden, expected.last_hidden_state)
+
+
+# ------------------------------------------------------------------------------- nn.MultiheadAttention
+
+# nn.MultiheadAttention's embed_dim is at once its heads (num_heads x head_dim) and the width of the stream it
+# reads and writes: removing a head narrows the residual stream around it by the same channels. Both kinds of
+# resize go through: whole heads (num_heads changes) and the same count in every head at each head's own
+# positions (head_dim changes: torchvision ViT's per-head L1 pruning).
+
+
+class ResidualAttention(nn.Module):
+    """A residual block around an ``nn.MultiheadAttention``: ``out(h + attn(h, h, h))`` with ``h = inp(x)``."""
+
+    def __init__(self, return_weights: bool = False) -> None:
+        super().__init__()
+        self.return_weights = return_weights
+        self.inp = nn.Linear(12, WIDTH)
+        self.attn = nn.MultiheadAttention(WIDTH, HEADS, batch_first=True)
+        self.out = nn.Linear(WIDTH, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        h = self.inp(x)
+        attended, weights = self.attn(h, h, h, need_weights=self.return_weights)
+        y = self.out(h + attended)
+        return (y, weights) if self.return_weights else y
+
+
+@pytest.fixture()
+def mha() -> tuple[ResidualAttention, torch.fx.GraphModule, torch.Tensor]:
+    torch.manual_seed(0)
+    model = ResidualAttention().eval()
+    x = torch.randn(2, 5, 12)
+    return model, fxindex.trace(model, example_inputs=(x,)), x
+
+
+def _state(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    return {name: value.clone() for name, value in gm.state_dict().items()}
+
+
+def _unchanged(gm: torch.fx.GraphModule, code: str, state: dict[str, torch.Tensor]) -> bool:
+    current = gm.state_dict()
+    same_state = current.keys() == state.keys() and all(torch.equal(current[k], v) for k, v in state.items())
+    return gm.code == code and same_state
+
+
+def _attention_reference(model: ResidualAttention, x: torch.Tensor, keep: list[int], heads: int) -> torch.Tensor:
+    """By hand from the original's weights: the kept rows of each q/k/v third and of out_proj, ``heads`` heads."""
+    original = model.attn
+    rows = [third * WIDTH + c for third in range(3) for c in keep]
+    with torch.no_grad():
+        h = F.linear(x, model.inp.weight[keep], model.inp.bias[keep]).transpose(0, 1)  # (L, N, E)
+        attended, _ = F.multi_head_attention_forward(
+            h, h, h, len(keep), heads, original.in_proj_weight[rows][:, keep], original.in_proj_bias[rows],
+            None, None, False, 0.0, original.out_proj.weight[keep][:, keep], original.out_proj.bias[keep],
+            training=False, need_weights=False,
+        )  # fmt: skip
+        return F.linear((h + attended).transpose(0, 1), model.out.weight[:, keep], model.out.bias)
+
+
+def test_multihead_attention_loses_one_of_four_heads_and_the_stream_channels_it_owns(mha) -> None:
+    model, gm, x = mha
+    code, state = gm.code, _state(gm)
+    removed = _channels([2])
+    smaller = fxindex.resize(gm, "inp", keep=_channels([0, 1, 3]))
+    smaller.graph.lint()
+    attn = smaller.attn
+    assert (attn.num_heads, attn.head_dim, attn.embed_dim) == (3, HEAD_DIM, 24)
+    assert attn.in_proj_weight.shape == (72, 24) and (attn.out_proj.in_features, attn.out_proj.out_features) == (24, 24)
+    assert (smaller.inp.out_features, smaller.out.in_features) == (24, 24)
+    assert _unchanged(gm, code, state)
+    # The reference: the original with stream channels 16..23 silenced (inp writes zero there, out ignores
+    # them, so in_proj reads nothing there) and head 2 cut off from the output (out_proj's input columns).
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference.inp.weight[removed] = 0
+        reference.inp.bias[removed] = 0
+        reference.out.weight[:, removed] = 0
+        reference.attn.out_proj.weight[:, removed] = 0
+    out = smaller(x)
+    assert out.shape == (2, 5, 10)
+    torch.testing.assert_close(out, reference(x))
+    torch.testing.assert_close(out, _attention_reference(model, x, _channels([0, 1, 3]), heads=3))
+    assert not torch.allclose(out, model(x))  # the head carried something: the reference is not the original
+    # Without keep=, a width of whole heads drops the last head (not two channels of every head).
+    assert fxindex.resize(gm, "inp", WIDTH - HEAD_DIM).attn.num_heads == 3
+
+
+def test_multihead_attention_gains_a_head_and_keeps_the_function(mha) -> None:
+    model, gm, x = mha
+    plan = fxindex.plan_resize(gm, "inp", WIDTH + HEAD_DIM)
+    assert plan.preserves_function, plan.breaks_function
+    wider = fxindex.resize(gm, "inp", WIDTH + HEAD_DIM)
+    wider.graph.lint()
+    assert (wider.attn.num_heads, wider.attn.head_dim, wider.attn.embed_dim) == (5, HEAD_DIM, 40)
+    assert (wider.inp.out_features, wider.attn.out_proj.out_features, wider.out.in_features) == (40, 40, 40)
+    torch.testing.assert_close(wider(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_multihead_attention_gaining_a_head_says_when_the_returned_weights_change() -> None:
+    torch.manual_seed(0)
+    model = ResidualAttention(return_weights=True).eval()
+    gm = fxindex.trace(model, example_inputs=(torch.randn(2, 5, 12),))
+    plan = fxindex.plan_resize(gm, "inp", WIDTH + HEAD_DIM)
+    assert [node for node, _ in plan.breaks_function] == ["attn"]
+    assert "averaged over the heads" in plan.breaks_function[0][1]
+
+
+def test_multihead_attention_narrows_every_head_alike_at_its_own_positions_and_changes_head_dim(mha) -> None:
+    model, gm, x = mha
+    # Six channels of every head, each head at other positions (what a per-head L1 pruning keeps).
+    keep = [h * HEAD_DIM + j for h in range(HEADS) for j in range(HEAD_DIM) if j not in (h, (h + 3) % HEAD_DIM)]
+    plan = fxindex.plan_resize(gm, "inp", keep=keep)
+    assert any(node == "attn" and "1/sqrt(head_dim)" in reason for node, reason in plan.breaks_function)
+    narrow = fxindex.resize(gm, "inp", keep=keep)
+    narrow.graph.lint()
+    attn = narrow.attn
+    assert (attn.num_heads, attn.head_dim, attn.embed_dim) == (HEADS, 6, 24)
+    assert attn.in_proj_weight.shape == (72, 24) and attn.out_proj.weight.shape == (24, 24)
+    out = narrow(x)
+    assert out.shape == (2, 5, 10)
+    torch.testing.assert_close(out, _attention_reference(model, x, keep, heads=HEADS))
+
+
+@pytest.mark.parametrize(
+    ("width", "keep", "says"),
+    [
+        # Whole heads are multiples of 8, every head alike multiples of 4: 30 is neither.
+        (30, None, "widths that work here: 20, 24, 28, 36"),
+        # 24 channels, but head 0 loses one and head 1 lends one to it: a cut through two heads.
+        (None, list(range(1, 25)), "multiples of 8: 16, 24, 40, 48), or the same number of channels"),
+        # Head 0 keeps 8, head 1 keeps 4 of its own, head 2 none, head 3 all: 20 is neither.
+        (None, [*range(8), *range(8, 12), *range(24, 32)], "multiples of 4: 24, 28, 36, 40"),
+    ],
+    ids=["width 30", "a head one channel off", "uneven heads"],
+)
+def test_a_multihead_attention_resize_that_cuts_through_a_head_is_refused(mha, width, keep, says) -> None:
+    model, gm, x = mha
+    code, state = gm.code, _state(gm)
+    with pytest.raises(EditError) as caught:
+        fxindex.resize(gm, "inp", width, keep=keep)
+    assert says in str(caught.value)
+    if keep is not None:
+        assert "node 'attn'" in str(caught.value) and "MultiheadAttention" in str(caught.value)
+    assert _unchanged(gm, code, state)
+
+
+def test_multihead_attention_loses_a_head_in_the_users_own_model(mha) -> None:
+    model, gm, x = mha
+    keep = _channels([0, 1, 3])
+    expected = fxindex.resize(gm, "inp", keep=keep)(x)
+    own = copy.deepcopy(model)
+    edited = fxindex.resize(own, "inp", keep=keep, example_inputs=(x,), inplace=True)
+    assert edited is own and type(edited) is ResidualAttention
+    assert (own.attn.num_heads, own.attn.head_dim, own.attn.embed_dim) == (3, HEAD_DIM, 24)
+    torch.testing.assert_close(own(x), expected)
+
+
+class TwelveHeads(nn.Module):
+    """``out(h + attn(h, h, h))`` with 12 heads of 4: dropping one head leaves 44 channels, not a multiple of 12."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 48)
+        self.attn = nn.MultiheadAttention(48, 12, batch_first=True)
+        self.out = nn.Linear(48, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.out(h + self.attn(h, h, h, need_weights=False)[0])
+
+
+def test_multihead_attention_loses_one_of_twelve_heads_though_the_width_no_longer_divides_by_twelve() -> None:
+    torch.manual_seed(0)
+    model = TwelveHeads().eval()
+    x = torch.randn(2, 5, 6)
+    gm = fxindex.trace(model, example_inputs=(x,))
+    keep = [c for c in range(48) if not 20 <= c < 24]  # head 5
+    smaller = fxindex.resize(gm, "inp", keep=keep)
+    smaller.graph.lint()
+    assert (smaller.attn.num_heads, smaller.attn.head_dim, smaller.attn.embed_dim) == (11, 4, 44)
+    rows = [third * 48 + c for third in range(3) for c in keep]
+    with torch.no_grad():
+        h = F.linear(x, model.inp.weight[keep], model.inp.bias[keep]).transpose(0, 1)
+        attended, _ = F.multi_head_attention_forward(
+            h, h, h, 44, 11, model.attn.in_proj_weight[rows][:, keep], model.attn.in_proj_bias[rows],
+            None, None, False, 0.0, model.attn.out_proj.weight[keep][:, keep], model.attn.out_proj.bias[keep],
+            training=False, need_weights=False,
+        )  # fmt: skip
+        reference = F.linear((h + attended).transpose(0, 1), model.out.weight[:, keep], model.out.bias)
+    torch.testing.assert_close(smaller(x), reference)
+    # By width alone: 44 = 11 whole heads, the last one dropped.
+    assert fxindex.resize(gm, "inp", 44).attn.num_heads == 11
+    # A width that is neither whole heads nor the same in every head is still refused, with widths.
+    with pytest.raises(fxindex.EditError, match="44"):
+        fxindex.resize(gm, "inp", 46)

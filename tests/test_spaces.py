@@ -532,3 +532,121 @@ def test_an_op_without_a_space_rule_blocks_its_output_too() -> None:
     assert found.blocked_by == "cumsum" and "no channel-space rule for torch.cumsum" in found.reason
     with pytest.raises(fxindex.FxIndexError, match="cumsum"):
         fxindex.resize(gm, "b", 6)
+
+
+# --------------------------------------------------------------------------- reshapes that merge channels with other dims
+
+
+class PatchMixer(nn.Module):
+    """MobileViT's unfold and fold around a residual MLP over the channels; input (B, 3, 8, 9).
+
+    The unfold reshapes ``(B, C, H, W)`` into ``(B*C*nh, ph, nw, pw)``: the
+    channels are merged with the batch and the patch rows, then split out
+    again into ``(B, C, nh*nw, ph*pw)``; the fold is the inverse. The sizes
+    come from ``x.shape`` at run time (symbolic trace) or as constants
+    (``torch.export``).
+    """
+
+    def __init__(self, channels: int = 8, patch: tuple[int, int] = (2, 3)) -> None:
+        super().__init__()
+        self.patch = patch
+        self.conv1 = nn.Conv2d(3, channels, 3, padding=1)
+        self.mlp = nn.Sequential(nn.Linear(channels, 16), nn.GELU(), nn.Linear(16, channels))
+        self.conv2 = nn.Conv2d(channels, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        ph, pw = self.patch
+        B, C, H, W = x.shape
+        nh, nw = H // ph, W // pw
+        x = x.reshape(B * C * nh, ph, nw, pw).transpose(1, 2)
+        x = x.reshape(B, C, nh * nw, ph * pw).transpose(1, 3).reshape(B * ph * pw, nh * nw, -1)
+        x = x + self.mlp(x)
+        x = x.contiguous().view(B, ph * pw, nh * nw, -1)
+        x = x.transpose(1, 3).reshape(B * C * nh, nw, ph, pw)
+        x = x.transpose(1, 2).reshape(B, C, nh * ph, nw * pw)
+        return self.conv2(x)
+
+
+def _patch_mixer_taking(model: PatchMixer, keep: list[int]) -> PatchMixer:
+    """The reference for a narrowing: ``model`` with only the channels ``keep`` (in that order)."""
+    reference = PatchMixer(len(keep), model.patch).eval()
+    with torch.no_grad():
+        reference.conv1.weight.copy_(model.conv1.weight[keep])
+        reference.conv1.bias.copy_(model.conv1.bias[keep])
+        reference.mlp[0].weight.copy_(model.mlp[0].weight[:, keep])
+        reference.mlp[0].bias.copy_(model.mlp[0].bias)
+        reference.mlp[2].weight.copy_(model.mlp[2].weight[keep])
+        reference.mlp[2].bias.copy_(model.mlp[2].bias[keep])
+        reference.conv2.weight.copy_(model.conv2.weight[:, keep])
+        reference.conv2.bias.copy_(model.conv2.bias)
+    return reference
+
+
+@pytest.mark.parametrize("capture", ["symbolic", "export"])
+def test_unfold_that_merges_channels_with_patch_rows_resizes(capture: str) -> None:
+    """(B, C, H, W) -> (B*C*nh, ph, nw, pw) relates C to the merged dim through the sub-factors B, C, nh, ph."""
+    torch.manual_seed(0)
+    model = PatchMixer().eval()
+    x = torch.randn(2, 3, 8, 9)
+    gm = fxindex.trace(model, example_inputs=(x,), capture=capture)
+    found = group(gm, "conv1")
+    assert found.resizable, found.reason
+    assert found.producers == ("conv1", "mlp.2")
+    with torch.no_grad():
+        expected = model(x)
+
+    wider = fxindex.resize(gm, "conv1", 12)
+    wider.graph.lint()
+    assert wider.conv1.out_channels == 12 and wider.get_submodule("mlp.2").out_features == 12
+    assert wider.get_submodule("mlp.0").in_features == 12 and wider.conv2.in_channels == 12
+    with torch.no_grad():
+        torch.testing.assert_close(wider(x), expected)
+
+    keep = [6, 1, 3, 4, 0]
+    narrow = fxindex.resize(gm, "conv1", keep=keep)
+    narrow.graph.lint()
+    with torch.no_grad():
+        torch.testing.assert_close(narrow(x), _patch_mixer_taking(model, keep)(x))
+
+
+def test_replace_through_the_unfold_is_function_preserving() -> None:
+    """A zero-padded wider conv1 meets the residual add: replace resizes the whole group through unfold and fold."""
+    torch.manual_seed(1)
+    model = PatchMixer().eval()
+    x = torch.randn(2, 3, 8, 9)
+    gm = fxindex.trace(model, example_inputs=(x,))
+    wider = nn.Conv2d(3, 12, 3, padding=1)
+    with torch.no_grad():
+        wider.weight.zero_()
+        wider.bias.zero_()
+        wider.weight[:8] = model.conv1.weight
+        wider.bias[:8] = model.conv1.bias
+    snap = snapshot(gm)
+    rebuilt = fxindex.replace(gm, "conv1", wider)
+    rebuilt.graph.lint()
+    assert rebuilt.get_submodule("mlp.2").out_features == 12
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x))
+    assert_unchanged(gm, snap)
+
+
+class Transposed(nn.Module):
+    """A Conv1d's (B, 6, 4) reshaped to (B, 4, 6): neither side's dims are whole blocks of the other's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 6, 1)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x).reshape(x.shape[0], 4, 6))
+
+
+def test_reshape_without_a_common_refinement_still_blocks() -> None:
+    gm = fxindex.trace(Transposed(), example_inputs=(torch.randn(2, 3, 4),))
+    found = group(gm, "conv")
+    assert not found.resizable
+    assert "reshapes (2, 6, 4) into (2, 4, 6) across several dims at once" in found.reason
+    with pytest.raises(fxindex.FxIndexError, match="several dims at once"):
+        fxindex.resize(gm, "conv", 8)

@@ -44,7 +44,15 @@ from fxindex.rules.rebuild import rebuild
 from fxindex.rules.registry import argument, remap
 from fxindex.rules.reshape import _shape_arguments, group_dimensions
 from fxindex._shapes import TensorMetadata
-from fxindex._spaces import Dims, NodeEdit, RebuildRequest, SlotMapping, SpaceContext, register_space_rule
+from fxindex._spaces import (
+    Dims,
+    NodeEdit,
+    RebuildRequest,
+    SlotMapping,
+    SpaceContext,
+    register_space_rule,
+    whole_part_owners,
+)
 
 __all__ = ["relate_get_attr"]
 
@@ -426,17 +434,46 @@ def relate_layer_norm(context: SpaceContext) -> None:
     context.output(dims)
 
 
+def _returned_weights_used(node: fx.Node) -> bool:
+    """Whether anything reads the attention weights a MultiheadAttention node returns (``out[1]``)."""
+    return any(
+        user.target is operator.getitem and len(user.args) > 1 and user.args[1] == 1 and bool(user.users)
+        for user in node.users
+    )
+
+
+def _multihead_split(module: nn.MultiheadAttention, mapping: SlotMapping) -> tuple[int, int]:
+    """The new ``(num_heads, head_dim)`` of ``module`` for the embedding's new ``mapping``.
+
+    The solver let the mapping through (see ``relate_multihead_attention``):
+    either whole heads kept, dropped or added (``num_heads`` changes), or the
+    same number of channels in every head (``head_dim`` changes). A mapping
+    that reads both ways (every head's width doubled with the new slots after
+    each head's own) is taken as whole heads, as the solver takes it.
+    """
+    if whole_part_owners(mapping, module.head_dim, module.num_heads) is not None:
+        return len(mapping) // module.head_dim, module.head_dim
+    # The solver refuses anything else: a remainder here is a bug, not a user error.
+    assert len(mapping) % module.num_heads == 0, (len(mapping), module.num_heads)
+    return module.num_heads, len(mapping) // module.num_heads
+
+
 def _rebuild_multihead_attention(request: RebuildRequest) -> NodeEdit:
     """Remap the embedding dim everywhere it appears: in_proj's q/k/v rows and columns, out_proj's rows and columns.
 
-    The heads' inner dims take the same mapping as the stream (each head owns
-    one equal block of it), so the result is what Torch-Pruning builds when it
-    prunes the same indices of a MultiheadAttention.
+    The embedding is ``num_heads`` blocks of ``head_dim``: whole blocks kept,
+    dropped or added change ``num_heads`` (new heads read and write nothing:
+    zero q/k/v rows and out_proj columns), the same channels' count changed in
+    every block changes ``head_dim``. The rows of each q/k/v third and the
+    columns of out_proj are the heads' channels, the input columns and
+    out_proj's rows the stream's: one space, so one mapping for all of them
+    (what Torch-Pruning builds when it prunes the same indices).
     """
     module = request.module
     assert isinstance(module, nn.MultiheadAttention)
     mapping = request.mapping("embed")
     old, width = module.embed_dim, len(mapping)
+    heads, head_dim = _multihead_split(module, mapping)
     # in_proj holds q, k and v one above the other: the same mapping in each third.
     rows = tuple(
         None if slot is None else third * old + slot for third in range(3) for slot in mapping
@@ -446,7 +483,7 @@ def _rebuild_multihead_attention(request: RebuildRequest) -> NodeEdit:
         parameters["in_proj_bias"] = remap(module.in_proj_bias, 0, rows)
     new = rebuild(
         module,
-        attributes={"embed_dim": width, "kdim": width, "vdim": width, "head_dim": width // module.num_heads},
+        attributes={"embed_dim": width, "kdim": width, "vdim": width, "num_heads": heads, "head_dim": head_dim},
         parameters=parameters,
     )
     projection = module.out_proj
@@ -456,22 +493,36 @@ def _rebuild_multihead_attention(request: RebuildRequest) -> NodeEdit:
     new._modules["out_proj"] = rebuild(
         projection, attributes={"in_features": width, "out_features": width}, parameters=projected
     )
-    changes_scale = width // module.num_heads != module.head_dim
+    reasons = []
+    if head_dim != module.head_dim:
+        # F.multi_head_attention_forward derives its scale from head_dim; the module takes no scale to keep.
+        reasons.append("the heads' width changes, and with it the attention's 1/sqrt(head_dim) scale")
+    if heads != module.num_heads and _returned_weights_used(request.node):
+        reasons.append("the attention weights it returns are averaged over the heads, whose number changes")
     return NodeEdit(
         module=new,
-        weights=_account(mapping, old, "embedding features", "zero") + " (in_proj q/k/v and out_proj alike)",
-        reason="the heads' width changes, and with it the attention's 1/sqrt(head_dim) scale" if changes_scale else None,
+        weights=_account(mapping, old, "embedding features", "zero")
+        + f" (in_proj q/k/v and out_proj alike; {module.num_heads}x{module.head_dim} -> {heads}x{head_dim} heads)",
+        reason="; ".join(reasons) or None,
     )
 
 
 @register_space_rule(nn.MultiheadAttention)
 def relate_multihead_attention(context: SpaceContext) -> None:
-    """MultiheadAttention reads and writes one embedding space, cut into ``num_heads`` equal blocks.
+    """MultiheadAttention reads and writes one embedding space, cut into ``num_heads`` blocks of ``head_dim``.
 
     ``embed_dim`` is at once the width of query, key and value, the sum of
     the heads' widths and the output's width, so all of them are one space;
-    each head owns one block of it. Separate ``kdim``/``vdim``, ``add_bias_kv``
-    and ``add_zero_attn`` are not handled (they block).
+    each head owns one block of it. A resize keeps, drops or adds whole heads
+    (``num_heads`` changes; a new head reads and writes nothing, so widening
+    by whole heads keeps the function), or keeps the same number of channels
+    in every head, each head at its own positions (``head_dim`` changes, and
+    with it the 1/sqrt(head_dim) scale: a per-head L1 pruning); one that cuts
+    through a head otherwise is an ``EditError`` listing the widths that
+    work. The default block structure is still ``num_heads`` equal blocks
+    (what a resize to a width that is not a multiple of ``head_dim`` keeps).
+    Separate ``kdim``/``vdim``, ``add_bias_kv`` and ``add_zero_attn`` are not
+    handled (they block).
     """
     module = context.module
     assert isinstance(module, nn.MultiheadAttention)
@@ -496,10 +547,17 @@ def relate_multihead_attention(context: SpaceContext) -> None:
     embed = query[-1]
     context.same(embed, key[-1])
     context.same(embed, value[-1])
-    if module.num_heads > 1:
-        context.concat(embed, [context.fresh(module.head_dim) for _ in range(module.num_heads)], equal=True)
+    # Even one head is a block: a resize by whole heads may add more.
+    context.concat(
+        embed,
+        [context.fresh(module.head_dim) for _ in range(module.num_heads)],
+        equal=True,
+        whole_parts=True,
+        detail=f" (the heads of MultiheadAttention '{context.node.name}')",
+    )
+    # No "normalizer" member: zero new slots add nothing to q.k (the rebuild says when the scale or the
+    # returned head-averaged weights change instead, so a new whole head keeps the function).
     context.member("carrier", "embed", embed, f"MultiheadAttention({module.num_heads} heads)", _rebuild_multihead_attention)
-    context.member("normalizer", "embed", embed, "attention scores (softmax over q.k / sqrt(head_dim))")
     # The output: (attention output over the query's dims, attention weights or None).
     weights = context.analysis.fresh_value(meta[1]) if len(meta) > 1 else None
     context.output([query[:-1] + (embed,), weights])
@@ -858,10 +916,108 @@ def _regroup(context: SpaceContext) -> tuple[int, ...] | None:
                 out[d] = context.fresh(shape[d])
             context.product(dims[wide_in[0]], [out[d] for d in wide_out])
         else:
-            for d in wide_out:
-                out[d] = context.fresh(shape[d])
-            context.block([dims[d] for d in wide_in] + [out[d] for d in wide_out], f"reshapes {old} into {shape} across several dims at once")
+            _refine(context, [dims[d] for d in wide_in], [old[d] for d in wide_in], wide_out, shape, out, old)
     return tuple(space if space is not None else context.fresh(shape[d]) for d, space in enumerate(out))
+
+
+def _refinement(first: list[int], second: list[int]) -> tuple[list[int], list[range], list[range]] | None:
+    """The common refinement of two factorizations of one size, outermost first.
+
+    The breakpoints of both (the cumulative products from the outermost dim)
+    cut the run into sub-factors; each dim is the row-major product of the
+    sub-factors between its breakpoints. ``(64, 32)`` and ``(256, 8)`` cut at
+    64, 256 and 2048: sub-factors ``[64, 4, 8]``, ``64 = [64]``, ``32 = [4, 8]``,
+    ``256 = [64, 4]``, ``8 = [8]``.
+
+    Args:
+        first: the sizes of one side's dims (each above 1).
+        second: the sizes of the other side's dims, of the same product.
+
+    Returns:
+        ``(sub-factor sizes, the span of sub-factors of each dim of first, of second)``,
+        or ``None`` when a breakpoint does not divide the next (``(6, 4)`` and
+        ``(4, 6)``: no dim of one side is whole blocks of the other's).
+
+    Example:
+        >>> _refinement([64, 32], [256, 8])
+        ([64, 4, 8], [range(0, 1), range(1, 3)], [range(0, 2), range(2, 3)])
+        >>> _refinement([6, 4], [4, 6]) is None
+        True
+    """
+    if min(first + second) < 2:
+        return None
+
+    def breakpoints(sizes: list[int]) -> list[int]:
+        points, total = [], 1
+        for size in sizes:
+            total *= size
+            points.append(total)
+        return points
+
+    points = sorted(set(breakpoints(first)) | set(breakpoints(second)))
+    parts, previous = [], 1
+    for point in points:
+        if point % previous:
+            return None
+        parts.append(point // previous)
+        previous = point
+
+    def spans(sizes: list[int]) -> list[range]:
+        ends = [points.index(point) + 1 for point in breakpoints(sizes)]
+        return [range(start, end) for start, end in zip([0] + ends[:-1], ends)]
+
+    return parts, spans(first), spans(second)
+
+
+def _refine(
+    context: SpaceContext,
+    in_spaces: list[int],
+    in_sizes: list[int],
+    wide_out: list[int],
+    shape: tuple[int, ...],
+    out: list[int | None],
+    old: tuple[int, ...],
+) -> None:
+    """Relate a run of several wide input dims to several wide output dims through their common sub-factors.
+
+    MobileViT's unfold, ``(B, C, H, W) -> (B*C*nh, ph, nw, pw)``, merges the
+    channels with the patch rows: the sub-factors are ``B, C, nh, ph``, ``H``
+    is ``nh x ph`` and the first output dim ``B x C x nh``. Each dim is the
+    product of its sub-factors, so a change of ``C`` reaches the merged dim
+    exactly as through ``flatten``; a dim of one sub-factor *is* it (same).
+    Fills ``out`` for ``wide_out``; blocks the run when there is no common
+    refinement.
+
+    Args:
+        context: the reshape's context.
+        in_spaces: the spaces of the run's input dims above 1, outermost first.
+        in_sizes: their sizes.
+        wide_out: the positions of the run's output dims above 1.
+        shape: the reshape's output shape.
+        out: the output spaces being built, by position (filled here for ``wide_out``).
+        old: the reshape's input shape (for the message when it blocks).
+    """
+    refinement = _refinement(in_sizes, [shape[d] for d in wide_out])
+    if refinement is None:
+        for d in wide_out:
+            out[d] = context.fresh(shape[d])
+        context.block(in_spaces + [out[d] for d in wide_out], f"reshapes {old} into {shape} across several dims at once")
+        return
+    parts, in_spans, out_spans = refinement
+    subs: list[int | None] = [None] * len(parts)
+    for space, span in zip(in_spaces, in_spans):
+        if len(span) == 1:
+            subs[span[0]] = space
+    spaces = [sub if sub is not None else context.fresh(size) for sub, size in zip(subs, parts)]
+    for space, span in zip(in_spaces, in_spans):
+        if len(span) > 1:
+            context.product(space, [spaces[j] for j in span])
+    for d, span in zip(wide_out, out_spans):
+        if len(span) == 1:
+            out[d] = spaces[span[0]]
+        else:
+            out[d] = context.fresh(shape[d])
+            context.product(out[d], [spaces[j] for j in span])
 
 
 @register_space_rule("view", "reshape", torch.reshape, *aten_overloads("view.default", "reshape.default", "_unsafe_view.default"))
