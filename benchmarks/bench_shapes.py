@@ -47,6 +47,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 import fxindex
 from fxindex import _shapes as shapes
+from fxindex import _layer_cache as layer_cache
 
 try:  # imported as benchmarks.bench_shapes
     from . import common
@@ -83,17 +84,20 @@ def _old_fake_path(model: nn.Module, inputs: tuple[torch.Tensor]) -> fx.GraphMod
 
 
 def _cold(model: nn.Module, inputs: tuple[torch.Tensor]) -> fx.GraphModule:
-    """``fxindex.trace`` with shapes, the remembered kernel outputs and the shared fake mode emptied first."""
+    """``fxindex.trace`` with shapes, the remembered kernel and layer outputs and the shared fake mode emptied first."""
     saved_entries = getattr(shapes._shared, "meta_entries", None)
     saved_mode = getattr(shapes._shared, "mode", None)
+    saved_layers = getattr(layer_cache._shared, "entries", None)
     shapes._shared.meta_entries = {}
     shapes._shared.mode = None
+    layer_cache._shared.entries = {}
     try:
         return fxindex.trace(model, example_inputs=inputs)
     finally:
         # Put back: the other contenders' warm state must not depend on the rotation order.
         shapes._shared.meta_entries = saved_entries
         shapes._shared.mode = saved_mode
+        layer_cache._shared.entries = saved_layers
 
 
 def _key(meta: Any) -> Any:

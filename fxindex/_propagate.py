@@ -35,6 +35,7 @@ from fxindex._shapes import (
     MetaConverter,
     MetaUnsupportedError,
     TensorMetadata,
+    cpu_layouts,
     make_fake_mode,
     meta_kernel_cache,
     meta_of,
@@ -206,8 +207,9 @@ class _MetaRun(fx.Interpreter):
         # New and rebuilt modules are not inside the graph module's buffer guard: a
         # BatchNorm in train mode would count the fake run as a batch. The guard's
         # copies must be real tensors, so it is entered outside the fake mode.
-        guard = preserving_buffers(real) if node.op == "call_module" else contextlib.nullcontext()
-        with guard, self._standing_in(real), self.mode, quiet_fake_errors():
+        # Any other op that falls back here may meet the model's real buffers: the whole model is guarded.
+        guard = preserving_buffers(real if node.op == "call_module" else self.module)
+        with guard, self._standing_in(real), self.mode, cpu_layouts(self.device), quiet_fake_errors():
             result = op(node.target, fake_args, fake_kwargs)
         # Outside the fake mode, or the copies would be fake tensors on the meta device.
         return to_meta(result)
@@ -288,9 +290,10 @@ class _Planner:
         nodes = list(self.graph.nodes)
         positions = {node: position for position, node in enumerate(nodes)}
         start = min(positions[node] for node in self.targets)
-        with preserving_buffers(self.graph_module):
-            for node in nodes[start:]:
-                self.visit(node)
+        # No buffer guard around the walk: the meta runs write only to copies, and each
+        # fall-back to fake tensors guards what it runs (run_as).
+        for node in nodes[start:]:
+            self.visit(node)
         self.plan.new_metas = {node.name: meta for node, meta in self.new_metas.items()}
         return self.plan
 

@@ -10,11 +10,16 @@ the layouts of the model's device and their output metadata is remembered
 per op and input metadata (see ``_MetaCache``), so a repeated layer costs
 microseconds. A node meta cannot run is re-run on fake tensors with the real
 layer; a model that fails on both (data-dependent ops) gets one real forward.
+Where torch's meta and fake kernels lay a result out otherwise than the CPU
+kernel does (``group_norm`` of a channels-last input), the CPU's strides are
+put back (see ``_CpuLayouts``): a later ``.view`` must fail here when it fails
+for real.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -25,9 +30,11 @@ from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fxindex._errors import FxIndexError, ShapeMismatchError
+from fxindex._layer_cache import layer_cache
 from fxindex._progress import Progress, progress_bar
 
 __all__ = [
@@ -42,6 +49,8 @@ __all__ = [
     "to_meta",
     "meta_to_fake",
     "meta_kernel_cache",
+    "cpu_layouts",
+    "suggested_memory_format",
     "MetaUnsupportedError",
     "meta_of",
     "preserving_buffers",
@@ -179,6 +188,16 @@ def preserving_buffers(module: nn.Module) -> Iterator[None]:
                     buffer.copy_(copy)
 
 
+@functools.lru_cache(maxsize=4096)
+def _plain_meta_of(shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype, requires_grad: bool) -> TensorMetadata:
+    """The metadata of a plain strided meta tensor, which its shape, strides, dtype and grad flag decide.
+
+    ``_extract_tensor_metadata`` tests each memory format in Python (tens of us
+    a tensor, on every node of every pass); a model repeats few layouts.
+    """
+    return _extract_tensor_metadata(torch.empty_strided(shape, stride, dtype=dtype, device="meta").requires_grad_(requires_grad))
+
+
 def meta_of(result: Any) -> Any:
     """The ``tensor_meta`` of a node's result (nested like it), or ``None`` when it holds no tensor."""
     found = False
@@ -187,6 +206,8 @@ def meta_of(result: Any) -> Any:
         nonlocal found
         if isinstance(value, torch.Tensor):
             found = True
+            if type(value) is torch.Tensor and value.device.type == "meta" and value.layout == torch.strided:
+                return _plain_meta_of(tuple(value.shape), value.stride(), value.dtype, value.requires_grad)
             return _extract_tensor_metadata(value)
         return value
 
@@ -381,6 +402,140 @@ class MetaConverter:
         return copy
 
 
+# --------------------------------------------------------------------------- CPU layouts
+
+
+def suggested_memory_format(shape: tuple[int, ...], stride: tuple[int, ...]) -> torch.memory_format:
+    """ATen's ``Tensor.suggest_memory_format()`` for a strided tensor of ``shape`` and ``stride``.
+
+    A port of c10's ``is_channels_last_strides_2d`` / ``_3d`` (Python has no
+    binding): a 4-d (5-d) tensor whose strides order the dims like NHWC
+    (NDHWC) suggests channels-last. Strides of size-1 dims count, so a
+    one-channel NCHW tensor made by ``.permute(0, 3, 1, 2).contiguous()``
+    (strides ``(HW, 1, W, 1)``) suggests channels-last, one with strides
+    ``(HW, HW, W, 1)`` does not, although both are contiguous.
+
+    Args:
+        shape: the tensor's sizes.
+        stride: its strides.
+
+    Returns:
+        ``torch.channels_last``, ``torch.channels_last_3d`` or ``torch.contiguous_format``.
+
+    Example:
+        >>> suggested_memory_format((2, 1, 3, 3), (9, 1, 3, 1)), suggested_memory_format((2, 1, 3, 3), (9, 9, 3, 1))
+        (torch.channels_last, torch.contiguous_format)
+    """
+    if len(shape) == 4:
+        order, channels_last = (1, 3, 2, 0), torch.channels_last
+    elif len(shape) == 5:
+        order, channels_last = (1, 4, 3, 2, 0), torch.channels_last_3d
+    else:
+        return torch.contiguous_format
+    if stride[1] == 0:  # a broadcast channel dim: NCHW by default
+        return torch.contiguous_format
+    smallest = 0
+    for dim in order:
+        if shape[dim] == 0 or stride[dim] < smallest:
+            return torch.contiguous_format
+        # N111 with equal strides is ambiguous: NCHW by default, as in c10.
+        if dim == 0 and smallest == stride[1]:
+            return torch.contiguous_format
+        smallest = stride[dim] * max(shape[dim], 1)
+    return channels_last
+
+
+def _group_norm_on_cpu(device: torch.device, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> Any:
+    """``F.group_norm``'s result laid out as the CPU kernel lays it out.
+
+    CPU's ``group_norm`` makes its input contiguous in the input's suggested
+    memory format and writes its output in that format (channels-last in,
+    channels-last out); on any other device, and in torch's meta and fake
+    kernels, the output is always contiguous. The two differ for every
+    channels-last input, and for a one-channel input whose size-1 channel dim
+    has stride 1 (contiguous, yet suggesting channels-last): a 1x1 conv after
+    it then writes channels-last on CPU, and a ``.view`` there fails on CPU
+    although it works on meta.
+
+    Args:
+        device: the device a plain meta tensor stands for.
+        args: the call's positional arguments (the input first).
+        kwargs: its keyword arguments.
+        result: what the meta or fake kernel returned.
+
+    Returns:
+        ``result``, or a tensor of its shape, dtype and device with the CPU kernel's strides
+        (linked to ``result`` by autograd when that requires grad).
+    """
+    x = args[0] if args else kwargs.get("input")
+    if not isinstance(x, torch.Tensor) or type(result) not in (torch.Tensor, FakeTensor) or x.layout != torch.strided:
+        return result
+    # A plain meta tensor stands for one on the pass's device; a fake one knows its own.
+    on = device if _is_plain_meta(x) else x.device
+    if on.type != "cpu":
+        return result
+    memory_format = suggested_memory_format(tuple(x.shape), x.stride())
+    laid_out = torch.empty(result.shape, dtype=result.dtype, device=result.device, memory_format=memory_format)
+    if laid_out.stride() == result.stride():
+        return result
+    # copy_ links the new tensor to the old one's autograd history (requires_grad as in a real run).
+    return laid_out.copy_(result) if result.requires_grad else laid_out
+
+
+# torch functions whose meta and fake kernels choose another output layout than the CPU kernel.
+# Keyed by the Python function (F.group_norm reaches the mode as itself, torch.group_norm when
+# called directly): the layout follows from the input as the caller passed it, which the ATen
+# op below sees only after meta's ``input.contiguous()`` (CUDA's choice) has reshaped it.
+_CPU_LAYOUTS: dict[Any, Callable[[torch.device, tuple[Any, ...], dict[str, Any], Any], Any]] = {
+    torch.nn.functional.group_norm: _group_norm_on_cpu,
+    torch.group_norm: _group_norm_on_cpu,
+}
+
+
+class _CpuLayouts(TorchFunctionMode):
+    """Gives the results of the functions in ``_CPU_LAYOUTS`` the strides a real run on the CPU gives them.
+
+    The shape pass claims the strides of a real run (ShapeProp's); for these
+    functions torch's meta and fake kernels follow other devices' layouts, and
+    a wrong stride there makes a later ``.view`` pass on meta and fail for real
+    (or the reverse). A function mode, not a dispatch mode: by the time an
+    ATen op runs, the input's original layout may be gone (see
+    :func:`_group_norm_on_cpu`).
+
+    Args:
+        device: the device a plain meta tensor stands for; fake tensors carry their own.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        try:
+            fix = _CPU_LAYOUTS.get(func)
+        except TypeError:  # an unhashable callable: none of ours
+            return result
+        return result if fix is None else fix(self.device, args, kwargs, result)
+
+
+def cpu_layouts(device: torch.device | str) -> contextlib.AbstractContextManager[Any]:
+    """A context in which meta and fake results of a few torch functions get the CPU kernel's strides.
+
+    Entered by :func:`meta_kernel_cache` (meta passes) and around fake runs:
+    see :class:`_CpuLayouts`. Tensors that stand for another device than the
+    CPU are left alone (there torch's meta kernels give the real layouts).
+
+    Args:
+        device: the device a plain meta tensor stands for (fake tensors carry their own).
+
+    Returns:
+        A context manager.
+    """
+    return _CpuLayouts(torch.device(device))
+
+
 class _MetaCache(TorchDispatchMode):
     """Computes meta kernels with the semantics of ``device``, and remembers their output metadata.
 
@@ -409,6 +564,29 @@ class _MetaCache(TorchDispatchMode):
         super().__init__()
         self.entries = entries
         self.device = device
+        # The CPU's layouts for the functions whose ATen ops cannot tell them (see _CpuLayouts).
+        self._layouts: _CpuLayouts | None = None
+
+    def __enter__(self) -> _MetaCache:
+        if self.device.type == "cpu":
+            self._layouts = _CpuLayouts(self.device)
+            self._layouts.__enter__()
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._exit_layouts(None, None, None)
+            raise
+
+    def __exit__(self, *exc_info: Any) -> None:
+        try:
+            super().__exit__(*exc_info)
+        finally:
+            self._exit_layouts(*exc_info)
+
+    def _exit_layouts(self, *exc_info: Any) -> None:
+        layouts, self._layouts = self._layouts, None
+        if layouts is not None:
+            layouts.__exit__(*exc_info)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -677,6 +855,8 @@ class _MetaShapeRecorder(_ShapeRecorder):
         self.device = device
         # Nodes that had to be re-run on fake tensors, in order (read by tests and for debugging).
         self.fake_nodes: list[fx.Node] = []
+        # Whole torch.nn layers remembered by this thread's passes (see fxindex/_layer_cache.py).
+        self.layers = layer_cache()
 
     def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return self.converter.module(self.fetch_attr(target)).forward(*args, **kwargs)
@@ -685,10 +865,24 @@ class _MetaShapeRecorder(_ShapeRecorder):
         return self.converter.value(self.fetch_attr(target))
 
     def compute(self, n: fx.Node) -> Any:
+        key = None
         try:
             if n.op == "call_module":
+                module = self.fetch_attr(n.target)
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                # A torch.nn layer seen before with the same key: its outputs without running it.
+                key = self.layers.key(module, args, kwargs, self.device)
+                if key is not None:
+                    known = self.layers.lookup(key, args)
+                    if known is not None:
+                        return known
                 # Copied before the modes below are entered: making a copy is no op to remember.
-                self.converter.module(self.fetch_attr(n.target))
+                self.converter.module(module)
+                with self._set_current_node(n), torch.device("meta"), meta_kernel_cache(self.device):
+                    result = self.call_module(n.target, args, kwargs)
+                if key is not None:
+                    self.layers.remember(key, module, args, result)
+                return result
             with torch.device("meta"), meta_kernel_cache(self.device):
                 return super().compute(n)
         except Exception:
@@ -710,7 +904,7 @@ class _MetaShapeRecorder(_ShapeRecorder):
         module = self.fetch_attr(n.target) if n.op == "call_module" else None
         # The real layer runs here: its buffers must come out as they went in (BatchNorm in train mode).
         guard = preserving_buffers(module) if module is not None else contextlib.nullcontext()
-        with guard, mode, quiet_fake_errors():
+        with guard, mode, quiet_fake_errors(), cpu_layouts(self.device):
             if module is not None:
                 result = module.forward(*args, **kwargs)
             elif n.op == "call_function":
@@ -809,7 +1003,8 @@ def _record_fast(
             mode.from_tensor(value) if isinstance(value, torch.Tensor) else value for value in example_inputs
         )
         recorder = _ShapeRecorder(graph_module, metas, graph, progress)
-        with mode, quiet_fake_errors():
+        # Fake tensors carry their device: the layouts' own device is never read here.
+        with mode, quiet_fake_errors(), cpu_layouts("cpu"):
             recorder.run(*fake_inputs)
         return recorder.not_given
 

@@ -43,7 +43,7 @@ Properties:
   with a copy of the kept filters gives the model ``resize(..., keep=)`` gives.
 
 Constructs excluded from the properties because they fail today are kept as strict xfail
-regression tests at the end of the file.
+regression tests at the end of the file (none at present; the regressions there once were).
 
 Every result is linted (``gm.graph.lint()``). Outputs are compared with
 ``torch.testing.assert_close`` at rtol 1e-5 and atol 1e-5 scaled by the
@@ -649,11 +649,10 @@ def test_resizing_every_group(spec: Spec, seed: int, data: st.DataObject) -> Non
         ordered = data.draw(st.booleans(), label=f"{layer}: keep in order")
         keep = draw_keep(data, found, ordered)
         note(f"group {layer}: keep={keep}")
-        if one_channel_after_channels_last(model, spec, found, len(keep) // found.blocks):
-            # Excluded (see test_narrowing_to_one_channel_after_channels_last_gives_a_model_that_runs):
-            # a channels-last GLU narrowed to one channel, then a hard-coded view.
-            event("narrow: skipped, one channel after a channels-last GLU and a view")
-            continue
+        # A channels-last GLU narrowed to one channel, then a view: the layout a real run gives the
+        # one-channel tensor may make the view fail, and fxindex must then refuse the edit, not pass
+        # it (see test_narrowing_to_one_channel_after_channels_last_refuses_or_runs).
+        view_may_fail = one_channel_after_channels_last(model, spec, found, len(keep) // found.blocks)
         try:
             steps = fxindex.plan_resize(gm, layer, keep=keep)
             narrower = fxindex.resize(gm, layer, keep=keep)
@@ -665,6 +664,11 @@ def test_resizing_every_group(spec: Spec, seed: int, data: st.DataObject) -> Non
             event("narrow: refused a keep= that empties a cat's part")
             continue
         except fxindex.PropagationError as error:
+            if view_may_fail and "does not run" in str(error):
+                assert "view" in str(error), error
+                assert_frozen(gm, before)
+                event("narrow: refused, one channel after a channels-last GLU makes the view fail")
+                continue
             # reordering across the parts of a cat cannot be carried through it
             assert not ordered and any(m.detail == "cat" and m.role == "join" for m in found.members), error
             assert "interleave" in str(error), error
@@ -689,10 +693,11 @@ def test_resizing_every_group(spec: Spec, seed: int, data: st.DataObject) -> Non
 
 
 def one_channel_after_channels_last(model: Generated, spec: Spec, found: ChannelGroup, per_block: int) -> bool:
-    """Whether narrowing ``found`` to ``per_block`` channels per block meets the construct excluded from
-    the narrowing property: a channels-last GLU of the group left with one channel, in a model whose
-    head flattens with a ``view`` (PyTorch's strides of a one-channel tensor differ between fake
-    tensors and real ones, so the shape check passes and the model does not run)."""
+    """Whether narrowing ``found`` to ``per_block`` channels per block meets the construct whose edit the
+    narrowing property lets fxindex refuse: a channels-last GLU of the group left with one channel, in
+    a model whose head flattens with a ``view``. ``.contiguous()`` keeps the one-channel tensor's
+    channels-last strides, a GroupNorm and a 1x1 conv after it then write channels-last on the CPU,
+    and the view cannot read that: the edited model does not run, which resize must say."""
     if per_block != 1 or not spec.image or not Head.FLATTENS[spec.flatten].startswith("view"):
         return False
     for name in found.producers:
@@ -969,9 +974,9 @@ def test_replace_with_keep_drops_what_resize_drops(spec: Spec, seed: int, data: 
 
 
 # --------------------------------------------------------------------------- regressions the properties found
-# Each is the minimal hand-written form of a construct the properties above exclude (see the
-# comments at CATS and at one_channel_after_channels_last). strict=True: when the library is
-# fixed the test passes, xfail reports XPASS, and the marker (and the exclusion) must go.
+# Each is the minimal hand-written form of a construct the properties above once excluded (see the
+# comments at CATS and at one_channel_after_channels_last), kept as a regression test now that
+# fxindex handles it. A construct excluded because it fails today gets a strict xfail here.
 
 
 class CatComputedDim(nn.Module):
@@ -1038,25 +1043,49 @@ class ChannelsLastThenView(nn.Module):
         return self.head(self.conv(self.norm(y)).view(-1, 18))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="resize's fake-tensor check passes but the model does not run: with one channel, "
-    ".contiguous() keeps channels-last strides, real group_norm keeps them (fake group_norm does not), "
-    "the 1x1 conv then writes channels-last and the view fails",
-)
-def test_narrowing_to_one_channel_after_channels_last_gives_a_model_that_runs() -> None:
+def _narrowed_reference(model: ChannelsLastThenView, x: torch.Tensor) -> torch.Tensor:
+    """``model`` with fc's first channel only, by hand: what a narrowing to ``keep=[0]`` must compute."""
+    y = F.linear(x.permute(0, 2, 3, 1), model.fc.weight[:1], model.fc.bias[:1]).permute(0, 3, 1, 2)
+    y = F.group_norm(y, 1, model.norm.weight[:1], model.norm.bias[:1], model.norm.eps)
+    y = F.conv2d(y, model.conv.weight[:, :1], model.conv.bias)
+    return model.head(y.reshape(-1, 18))
+
+
+def test_narrowing_to_one_channel_after_channels_last_refuses_or_runs() -> None:
+    """Issue 9: narrowing to one channel after channels-last, then GroupNorm, a 1x1 conv and a view.
+
+    ``.contiguous()`` keeps the one-channel tensor's channels-last strides, so on the CPU GroupNorm
+    and the conv write channels-last and the hard-coded ``view`` fails. The shape pass used to take
+    torch's meta layout for GroupNorm (contiguous) and let the edit through; now it predicts the
+    CPU's, so resize either refuses naming the view, with the caller's model untouched, or (should
+    it ever rewrite the view) gives a model that runs and matches the hand-narrowed reference.
+    """
     torch.manual_seed(0)
     model, x = ChannelsLastThenView().eval(), (torch.randn(2, 3, 3, 3),)
     before = frozen_module(model)
+    code = fxindex.trace(model, example_inputs=x).code
     try:
         narrow = fxindex.resize(model, "fc", keep=[0], example_inputs=x)
-    except fxindex.PropagationError as error:  # refusing a graph that does not run is fine too
-        assert "does not run" in str(error), error
+    except fxindex.PropagationError as error:
+        assert "does not run" in str(error) and "'view'" in str(error), error
+        assert "view size is not compatible" in str(error), error
     else:
         assert narrow.fc.out_features == narrow.conv.in_channels == 1
-        checked(narrow, x, (2, 2))  # RuntimeError today: view size is not compatible with ... stride
+        with torch.no_grad():
+            close(checked(narrow, x, (2, 2)), _narrowed_reference(model, x[0]))
     assert_module_unchanged(model, before)
+    assert fxindex.trace(model, example_inputs=x).code == code
+
+
+def test_the_reference_of_the_one_channel_narrowing_fails_like_the_real_model() -> None:
+    """The refusal above is right: the hand-narrowed model, spelled with the model's ``view``, fails on the CPU."""
+    torch.manual_seed(0)
+    model, x = ChannelsLastThenView().eval(), torch.randn(2, 3, 3, 3)
+    y = F.linear(x.permute(0, 2, 3, 1), model.fc.weight[:1], model.fc.bias[:1]).permute(0, 3, 1, 2).contiguous()
+    y = F.conv2d(F.group_norm(y, 1, model.norm.weight[:1], model.norm.bias[:1]), model.conv.weight[:, :1])
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        y.view(-1, 18)
 
 
 def test_replace_at_the_head_records_the_new_output_shape() -> None:

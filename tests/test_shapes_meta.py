@@ -570,3 +570,136 @@ def test_planning_falls_back_to_fake_for_a_layer_meta_cannot_run(monkeypatch: py
     # The fake kernel's words (a real run would say "mat1 and mat2 shapes cannot be multiplied").
     with pytest.raises(fxindex.ShapeMismatchError, match=r"DeviceChecked.*same reduction dim.*\[3, 4\] X \[5, 6\]"):
         fxindex.replace(gm, "0", DeviceChecked(5, 6), example_inputs=(x,))
+
+
+# --------------------------------------------------------------------------- CPU layouts (issue 9)
+# torch's meta and fake kernels of group_norm write a contiguous output (CUDA's choice); the CPU
+# kernel writes its input's suggested memory format. A one-channel tensor made contiguous after
+# a permute keeps stride 1 on its channel dim and suggests channels-last, so a conv after the norm
+# writes channels-last on the CPU and a hard-coded view fails there although it ran on meta.
+
+
+def _one_channel_channels_last(batch: int = 2, side: int = 3) -> torch.Tensor:
+    """(N, 1, H, W) as ``.permute(0, 3, 1, 2).contiguous()`` leaves it: contiguous, strides (HW, 1, W, 1)."""
+    x = torch.randn(batch, side, side, 1).permute(0, 3, 1, 2).contiguous()
+    assert x.is_contiguous() and x.stride() == (side * side, 1, side, 1)
+    return x
+
+
+def _every_permutation(shape: tuple[int, ...]) -> Iterator[torch.Tensor]:
+    """A tensor of ``shape`` laid out in each order of its dims (channels-last, transposed, ...).
+
+    Up to 4 dims every order; for 5 only NCDHW, NDHWC (channels-last-3d), the reverse and
+    two others, since 120 orders would cost seconds.
+    """
+    import itertools
+
+    orders: list[tuple[int, ...]] = list(itertools.permutations(range(len(shape))))
+    if len(shape) > 4:
+        orders = [(0, 1, 2, 3, 4), (0, 2, 3, 4, 1), (4, 3, 2, 1, 0), (0, 2, 1, 3, 4), (1, 0, 4, 2, 3)]
+    for order in orders:
+        stored = torch.randn([shape[dim] for dim in order])
+        yield stored.permute([order.index(dim) for dim in range(len(shape))])
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 3, 3), (2, 4, 3, 3), (2, 4, 1, 1), (2, 1, 1, 3), (2, 2, 1, 2, 2), (2, 4, 5)])
+def test_suggested_memory_format_is_what_the_cpu_group_norm_writes(shape: tuple[int, ...]) -> None:
+    """The port of ATen's suggest_memory_format gives the layout of the real CPU kernel, for every dim order."""
+    for x in _every_permutation(shape):
+        real = F.group_norm(x, 1)
+        layout = shapes.suggested_memory_format(tuple(x.shape), x.stride())
+        assert torch.empty(shape, memory_format=layout).stride() == real.stride(), x.stride()
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 3, 3), (2, 4, 3, 3), (2, 4, 1, 1), (2, 2, 1, 2, 2)])
+def test_group_norm_strides_on_meta_and_fake_are_the_cpu_kernels(shape: tuple[int, ...]) -> None:
+    """Through the kernel cache (meta) and under cpu_layouts (fake), group_norm's strides equal a real run's."""
+    weight, bias = torch.randn(shape[1]), torch.randn(shape[1])
+    mode = shapes.make_fake_mode()
+    for x in _every_permutation(shape):
+        real = F.group_norm(x, 1, weight, bias)
+        meta_x = torch.empty_strided(x.shape, x.stride(), device="meta")
+        with torch.device("meta"), shapes.meta_kernel_cache("cpu"):
+            on_meta = F.group_norm(meta_x, 1, weight.to("meta"), bias.to("meta"))
+        with mode, shapes.cpu_layouts("cpu"):
+            on_fake = torch.group_norm(mode.from_tensor(x), 1, weight, bias)
+        assert on_meta.stride() == on_fake.stride() == real.stride(), x.stride()
+    # A model on meta imitates no device: the meta kernel's own (contiguous) layout stays.
+    x = _one_channel_channels_last() if len(shape) == 4 else None
+    if x is not None:
+        with torch.device("meta"), shapes.meta_kernel_cache("meta"):
+            alone = F.group_norm(torch.empty_strided(x.shape, x.stride(), device="meta"), 1)
+        assert alone.is_contiguous()
+
+
+class NormThenConv(nn.Module):
+    """GroupNorm, a 1x1 conv, a GELU: the conv's output layout follows the norm's."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels)
+        self.conv = nn.Conv2d(channels, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.conv(self.norm(x)))
+
+
+@pytest.mark.parametrize("layout", ["one-channel-permuted", "channels-last", "contiguous"])
+def test_group_norm_layouts_are_recorded_as_a_real_run_has_them(layout: str, meta_spy: _Spy) -> None:
+    torch.manual_seed(0)
+    if layout == "one-channel-permuted":
+        model, x = NormThenConv(1, 1), _one_channel_channels_last()
+    else:
+        model, x = NormThenConv(4, 2), torch.randn(2, 4, 5, 5)
+        if layout == "channels-last":
+            x = x.contiguous(memory_format=torch.channels_last)
+    gm = fxindex.trace(model.eval())
+    fxindex.record_shapes(gm, (x,))
+    _assert_meta_path_only(meta_spy)
+    assert _differences(_recorded(gm), _real_metas(gm, (x,))) == []
+    conv = next(node for node in gm.graph.nodes if node.name == "conv").meta["tensor_meta"]
+    assert (conv.memory_format == torch.channels_last) == (layout != "contiguous"), conv
+
+
+class OneChannelView(nn.Module):
+    """A one-channel channels-last tensor through GroupNorm and a 1x1 conv, then a view that needs NCHW."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(1, 1)
+        self.conv = nn.Conv2d(1, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.norm(x.permute(0, 3, 1, 2).contiguous())).view(-1, 18)
+
+
+def test_a_view_the_cpu_layout_breaks_is_reported_not_recorded() -> None:
+    """The pass used to record this model as running (meta's contiguous norm); a real run fails at the view."""
+    model, x = OneChannelView().eval(), torch.randn(2, 3, 3, 1)
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        model(x)
+    gm = fxindex.trace(model)
+    with pytest.raises(fxindex.ShapeMismatchError, match=r"node 'view'.*view size is not compatible"):
+        fxindex.record_shapes(gm, (x,))
+
+
+class DeviceCheckedNorm(nn.Module):
+    """A device check meta cannot pass (see DeviceChecked), then group_norm: the node runs on fake tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = [torch.ones(1)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device != self.table[0].device:
+            raise RuntimeError(f"expected the input on {self.table[0].device}, got {x.device}")
+        return F.group_norm(x, 1)
+
+
+def test_a_node_rerun_on_fake_tensors_gets_the_cpu_layout_too(meta_spy: _Spy) -> None:
+    model = nn.Sequential(DeviceCheckedNorm(), nn.Conv2d(1, 2, 1))
+    gm = fxindex.trace(model, leaf_modules=(DeviceCheckedNorm,))
+    x = _one_channel_channels_last()
+    fxindex.record_shapes(gm, (x,))
+    assert [node.name for node in meta_spy.recorders[0].fake_nodes] == ["_0"]
+    assert _differences(_recorded(gm), _real_metas(gm, (x,))) == []
