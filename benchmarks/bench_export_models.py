@@ -17,7 +17,13 @@ efficientvit_b0, two 1x3x128x128 frames for raft_small) the script:
    at a join resizes the layer's whole channel group). Each site is planned
    once with ``fxindex.plan`` and the plan installed into a deep copy with
    ``fxindex.replace``'s own second half (``apply_plan``): exactly what
-   ``fxindex.replace(gm, site, wider)`` does, without planning twice;
+   ``fxindex.replace(gm, site, wider)`` does, without planning twice. Where
+   the structure forbids 8 more outputs (a fused ``qkv`` Linear whose outputs
+   split into q, k, v x heads x head_dim), the site is widened instead with
+   ``fxindex.resize`` to the smallest larger width that fxindex's refusal of
+   ``resize(gm, site, width + 8)`` lists as working ("widths that work here:
+   ...", each one checked by solving the group, not estimated): the new
+   outputs are zero there too, and the outcome is sorted the same way;
 3. sorts each site into one of: **same output** (the rebuilt graph lints and
    its outputs equal the original's on the original's slots, with a tolerance
    relative to the output's magnitude), **crosses a normalisation** (the plan
@@ -192,6 +198,28 @@ def spread(sites: list[int], count: int | None) -> list[int]:
     return sorted({sites[round(k * step)] for k in range(count)})
 
 
+_WORKING = re.compile(r"widths that work here: ([\d, ]+)")
+
+
+def structured_widening(gm: torch.fx.GraphModule, site: int, old: int) -> tuple[torch.fx.GraphModule, Any] | None:
+    """Widen ``site`` with ``fxindex.resize`` to the smallest working width above ``old``, when +8 is refused.
+
+    Returns:
+        ``(rebuilt copy, its plan)``, or ``None`` when no larger width works.
+    """
+    try:
+        return fxindex.resize(gm, site, old + EXTRA), fxindex.plan_resize(gm, site, old + EXTRA)
+    except fxindex.FxIndexError as error:
+        found = _WORKING.search(str(error))
+    larger = [int(w) for w in found.group(1).replace(" ", "").split(",") if w and int(w) > old] if found else []
+    if not larger:
+        return None
+    try:
+        return fxindex.resize(gm, site, min(larger)), fxindex.plan_resize(gm, site, min(larger))
+    except fxindex.FxIndexError:
+        return None
+
+
 def widen_site(
     gm: torch.fx.GraphModule, site: int, reference: list[torch.Tensor], inputs: tuple[torch.Tensor, ...]
 ) -> tuple[str, str | None]:
@@ -210,12 +238,16 @@ def widen_site(
     """
     layers = fxindex.index(gm)
     wider = widened(layers[site].module)
+    structured = None
     try:
         steps = fxindex.plan(gm, site, wider)
     except fxindex.FxIndexError as error:
-        return "refused", cause_of(error)
+        structured = structured_widening(gm, site, layers[site].module.weight.shape[0])
+        if structured is None:
+            return "refused", cause_of(error)
+        steps = structured[1]
     try:
-        rebuilt = apply_plan(copy.deepcopy(gm), steps)
+        rebuilt = structured[0] if structured is not None else apply_plan(copy.deepcopy(gm), steps)
         rebuilt.graph.lint()
         with torch.no_grad():
             outputs = outputs_of(rebuilt(*inputs))
