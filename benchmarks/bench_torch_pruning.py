@@ -22,7 +22,9 @@ mutates it in place):
 * Torch-Pruning: ``DependencyGraph().build_dependency(model, example_inputs=x)``
   + ``get_pruning_group(conv, tp.prune_conv_out_channels, idxs=pruned)`` +
   ``group.prune()`` (the build alone is also reported);
-* fxindex: ``fxindex.plan`` (the dry run), ``fxindex.replace(model, k,
+* fxindex: ``fxindex.plan`` (the dry run), ``fxindex.trace(model,
+  example_inputs=...)`` then ``fxindex.replace(trace, k, narrower, keep=kept,
+  inplace=True)`` (the trace workflow: the result is the edited GraphModule), ``fxindex.replace(model, k,
   narrower, keep=kept, example_inputs=(x,))`` with ``inplace=True`` (trace,
   shapes, plan, then the edit written back into the model itself and verified
   by running it: like Torch-Pruning's in-place edit) and copying (the
@@ -147,6 +149,9 @@ def measure(case: Case, rounds: int) -> dict[str, Any]:
     planned = fxindex.plan(model, k, copy.deepcopy(prototype), example_inputs=inputs, keep=keep)
     fx_model = fxindex.replace(model, k, copy.deepcopy(prototype), example_inputs=inputs, keep=keep)
     checks = compare(tp_model, fx_model, x, original)
+    traced = fxindex.trace(copy.deepcopy(model), example_inputs=inputs)
+    fxindex.replace(traced, k, copy.deepcopy(prototype), keep=keep, inplace=True)
+    checks["max_abs_diff_tp_vs_fxindex_on_trace"] = compare(tp_model, traced, x, original)["max_abs_diff_tp_vs_fxindex"]
     checks["plan_touches"] = [f"{edit.target}: {edit.action}" for edit in planned.edits if edit.action != "pass"]
     checks["plan_says_function_preserving"] = planned.preserves_function
     del tp_model, fx_model
@@ -164,6 +169,9 @@ def measure(case: Case, rounds: int) -> dict[str, Any]:
         ),
         "fxindex.replace copying": lambda fresh, layer: fxindex.replace(
             fresh, k, layer, example_inputs=inputs, keep=keep
+        ),
+        "fxindex.trace + replace inplace on the trace": lambda fresh, layer: fxindex.replace(
+            fxindex.trace(fresh, example_inputs=inputs), k, layer, keep=keep, inplace=True
         ),
         "fxindex.replace inplace, no example_inputs": lambda fresh, layer: fxindex.replace(
             fxindex.trace(fresh), k, layer, keep=keep, inplace=True
@@ -234,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{m['fxindex.plan'] * 1e3:.0f} ({m['fxindex.plan'] / base:.2f}x)",
                 f"{m['fxindex.replace inplace'] * 1e3:.0f} ({m['fxindex.replace inplace'] / base:.2f}x)",
                 f"{m['fxindex.replace copying'] * 1e3:.0f} ({m['fxindex.replace copying'] / base:.2f}x)",
+                f"{m['fxindex.trace + replace inplace on the trace'] * 1e3:.0f} "
+                f"({m['fxindex.trace + replace inplace on the trace'] / base:.2f}x)",
                 f"{m['fxindex.replace inplace, no example_inputs'] * 1e3:.0f} "
                 f"({m['fxindex.replace inplace, no example_inputs'] / base:.2f}x)",
                 f"{m['fxindex.resize inplace'] * 1e3:.0f} ({m['fxindex.resize inplace'] / base:.2f}x)",
@@ -247,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                 "x".join(map(str, c["output_shape_tp"])) + " / " + "x".join(map(str, c["output_shape_fxindex"])),
                 "yes" if c["state_dict_keys_equal"] and not mismatches else f"no: {mismatches}",
                 f"{c['num_parameters_tp']:,} / {c['num_parameters_fxindex']:,}",
-                "-" if c["max_abs_diff_tp_vs_fxindex"] is None else f"{c['max_abs_diff_tp_vs_fxindex']:.2g}",
+                "-" if c["max_abs_diff_tp_vs_fxindex"] is None else f"{c['max_abs_diff_tp_vs_fxindex']:.2g}"
+                + f" (on the trace: {c['max_abs_diff_tp_vs_fxindex_on_trace']:.2g})",
                 f"{c['max_abs_diff_vs_unpruned']:.2g}",
                 ", ".join(c["plan_touches"]),
             ]
@@ -263,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                 "fxindex.plan",
                 "replace inplace",
                 "replace copying",
+                "trace(shapes) + replace on it",
                 "replace inplace, no shapes",
                 "resize inplace",
             ],

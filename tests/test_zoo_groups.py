@@ -37,7 +37,8 @@ nested blocks of its 48 channels. On the CI sample the overall rate is 75/78
 CI samples ``SAMPLED_SITES`` sites per model, spread evenly over its
 Conv/Linear sites (first and last included), of the models in ``CI_MODELS``;
 ``FXINDEX_FULL_ZOO=1`` sweeps every site of every torchvision classification
-model (over an hour on two cores). Random weights, eval mode, batch 1, the
+model (over an hour on two cores); ``FXINDEX_ZOO_SITES=N`` samples N sites of
+every one of those models. Random weights, eval mode, batch 1, the
 zoo's small inputs (64x64; the ViTs at 32x32), one intra-op thread.
 """
 
@@ -82,9 +83,12 @@ EXCLUDED = {
     "regnet_y_128gf": "644M parameters; regnet_y_400mf covers the architecture",
     "vit_h_14": "632M parameters; vit_b_16 covers the architecture",
 }
-MODELS = [name for name in zoo.TRACEABLE_MODELS if name not in EXCLUDED] if FULL_ZOO else list(CI_MODELS)
+# FXINDEX_ZOO_SITES=N: every model of the full sweep, N sites of each (a wide sample in tens of minutes).
+WIDE_SITES = int(os.environ.get("FXINDEX_ZOO_SITES", "0") or 0)
+ALL_MODELS = [name for name in zoo.TRACEABLE_MODELS if name not in EXCLUDED]
+MODELS = ALL_MODELS if FULL_ZOO or WIDE_SITES else list(CI_MODELS)
 
-SAMPLED_SITES = 6
+SAMPLED_SITES = WIDE_SITES or 6
 EXTRA = 8
 MIN_SUCCESS_RATE = 0.95  # over the sites outside KNOWN_GAPS
 MIN_OVERALL_RATE = 0.95  # over every sampled site, gaps included (75/78 on the CI sample)
