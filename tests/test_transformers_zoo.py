@@ -1,7 +1,8 @@
 """Hugging Face transformers models from tiny configs (issue 11), and detectors, which cannot be captured whole.
 
 GPT-2 (its ``Conv1D`` layers: weight ``(in, out)``), T5 (encoder-decoder,
-relative position bias), Qwen2 (grouped-query attention) and ViT each trace
+relative position bias), Qwen2 and Llama (grouped-query attention), BERT and
+ViT each trace
 through the export path; the lifted graph computes what the model does and
 the index has one entry per layer call. Each model then (a) narrows every MLP
 by a quarter with ``keep=``, (b) widens every MLP function-preservingly and
@@ -78,6 +79,14 @@ def _llama() -> nn.Module:
     return transformers.LlamaForCausalLM(config)
 
 
+def _bert() -> nn.Module:
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    return transformers.BertModel(config)
+
+
 def _vit() -> nn.Module:
     config = transformers.ViTConfig(
         image_size=16, patch_size=4, num_channels=3, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=4,
@@ -125,6 +134,18 @@ CASES = {
     "qwen2": Case(
         _qwen2, lambda: (_ids(),), tuple(f"model.layers.{i}.mlp.gate_proj" for i in range(2)), 64,
         # Grouped-query attention, 2 query heads per key/value head: one key/value head goes with its group.
+        "model.layers.0.self_attn.q_proj", _channels([0, 1]),
+        {"model.layers.0.self_attn.q_proj": 16, "model.layers.0.self_attn.k_proj": 8, "model.layers.1.self_attn.k_proj": 16},
+    ),
+    "bert": Case(
+        _bert, lambda: (_ids(),), tuple(f"encoder.layer.{i}.intermediate.dense" for i in range(2)), 64,
+        "encoder.layer.0.attention.self.query", _channels([0, 1, 3]),
+        {"encoder.layer.0.attention.self.query": 24, "encoder.layer.0.attention.self.value": 24,
+         "encoder.layer.1.attention.self.query": 32},
+    ),
+    "llama": Case(
+        _llama, lambda: (_ids(),), tuple(f"model.layers.{i}.mlp.gate_proj" for i in range(2)), 64,
+        # Grouped-query attention as in Qwen2: one key/value head goes with its two query heads.
         "model.layers.0.self_attn.q_proj", _channels([0, 1]),
         {"model.layers.0.self_attn.q_proj": 16, "model.layers.0.self_attn.k_proj": 8, "model.layers.1.self_attn.k_proj": 16},
     ),
