@@ -77,7 +77,9 @@ class ChannelGroup:
             (layer-scale ``gamma``, ``cls_token``, ``pos_embed``).
         members: every role of every node, in graph order (the table's rows).
         blocks: the number of equal blocks the width is split into (grouped
-            convolutions, GroupNorm, chunk): a new width must be a multiple of it.
+            convolutions, GroupNorm, chunk): a new width must be a multiple of it,
+            unless the blocks are whole parts whose count may change
+            (``nn.MultiheadAttention``'s heads: a multiple of ``head_dim`` works too).
         blocked_by: the node that makes the group not resizable, or ``None``.
         blocked_op: what that node does.
         reason: why it blocks.
