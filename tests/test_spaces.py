@@ -650,3 +650,35 @@ def test_reshape_without_a_common_refinement_still_blocks() -> None:
     assert "reshapes (2, 6, 4) into (2, 4, 6) across several dims at once" in found.reason
     with pytest.raises(fxindex.FxIndexError, match="several dims at once"):
         fxindex.resize(gm, "conv", 8)
+
+
+class Swapped(nn.Module):
+    """conv -> torch.swapaxes(1, 3) -> + 1 -> .swapdims(1, 3) -> conv: the aliases of transpose (MaxViT's partitions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.swapaxes(self.a(x), 1, 3) + 1
+        return self.b(y.swapdims(1, 3))
+
+
+def test_swapaxes_and_swapdims_move_the_channels_like_transpose() -> None:
+    torch.manual_seed(0)
+    model = Swapped().eval()
+    x = torch.randn(2, 3, 5, 6)
+    gm = fxindex.trace(model, example_inputs=(x,))
+    wider = fxindex.resize(gm, "a", 12)
+    wider.graph.lint()
+    torch.testing.assert_close(wider(x), model(x))
+    keep = [6, 1, 3]
+    narrow = fxindex.resize(gm, "a", keep=keep)
+    with torch.no_grad():
+        y = F.conv2d(x, model.a.weight[keep], model.a.bias[keep]) + 1
+        expected = F.conv2d(y, model.b.weight[:, keep], model.b.bias)
+    torch.testing.assert_close(narrow(x), expected)
+    # The forward propagation of replace follows them too (no group needed: nothing joins).
+    replaced = fxindex.replace(gm, 0, nn.Conv2d(3, 5, 1))
+    assert replaced.b.in_channels == 5 and replaced(x).shape == (2, 4, 5, 6)

@@ -24,7 +24,10 @@ from fxindex.rules.registry import ChannelChange, Outcome, Step, argument, regis
 FLATTEN_ATEN = aten_overloads("flatten.using_ints")
 VIEW_ATEN = aten_overloads("view.default", "reshape.default", "_unsafe_view.default")
 PERMUTE_ATEN = aten_overloads("permute.default")
-TRANSPOSE_ATEN = aten_overloads("transpose.int")
+# swapaxes and swapdims are transpose's aliases (MaxViT's partitions use torch.swapaxes).
+TRANSPOSE_ATEN = (
+    torch.swapaxes, torch.swapdims, "swapaxes", "swapdims", *aten_overloads("transpose.int", "swapaxes.default", "swapdims.default")
+)
 
 
 def merge_change(change: ChannelChange, shape: tuple[int, ...], start: int, end: int, new_rank: int) -> ChannelChange:
@@ -167,11 +170,19 @@ def propagate_permute(step: Step) -> Outcome:
     return Outcome(output=change.moved_to([d % rank for d in order].index(change.dim % rank), rank))
 
 
+def swapped_dims(node: fx.Node) -> tuple[Any, Any]:
+    """The two dims of ``transpose``/``swapdims`` (``dim0``, ``dim1``) or ``swapaxes`` (``axis0``, ``axis1``)."""
+    return (
+        argument(node, 1, "dim0", argument(node, 1, "axis0")),
+        argument(node, 2, "dim1", argument(node, 2, "axis1")),
+    )
+
+
 @register_rule("transpose", torch.transpose, *TRANSPOSE_ATEN)
 def propagate_transpose(step: Step) -> Outcome:
     change = step.input_change()
     rank = step.rank(step.node.args[0]) or change.rank
-    first, second = argument(step.node, 1, "dim0"), argument(step.node, 2, "dim1")
+    first, second = swapped_dims(step.node)
     if rank is None:
         step.old_shape(step.node.args[0], needed_for="follow the changed dimension through transpose")
     assert rank is not None

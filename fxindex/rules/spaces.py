@@ -42,7 +42,7 @@ from fxindex.rules.elementwise import (
 from fxindex.rules.join import _BINARY, CAT_ATEN
 from fxindex.rules.rebuild import rebuild
 from fxindex.rules.registry import argument, remap
-from fxindex.rules.reshape import _shape_arguments, group_dimensions
+from fxindex.rules.reshape import TRANSPOSE_ATEN, _shape_arguments, group_dimensions, swapped_dims
 from fxindex._shapes import TensorMetadata
 from fxindex._spaces import (
     Dims,
@@ -1065,10 +1065,11 @@ def relate_permute(context: SpaceContext) -> None:
     context.output(tuple(dims[d % len(dims)] for d in order))
 
 
-@register_space_rule("transpose", torch.transpose, *aten_overloads("transpose.int"))
+@register_space_rule("transpose", torch.transpose, *TRANSPOSE_ATEN)
 def relate_transpose(context: SpaceContext) -> None:
+    """``transpose`` and its aliases ``swapaxes``/``swapdims``: two dims trade places."""
     _, dims = _input(context)
-    first, second = argument(context.node, 1, "dim0"), argument(context.node, 2, "dim1")
+    first, second = swapped_dims(context.node)
     if dims is None or not isinstance(first, int) or not isinstance(second, int):
         context.block_inputs("transpose with unknown dims")
         return
