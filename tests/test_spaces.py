@@ -11,6 +11,8 @@ is tested in test_resize.py.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -682,3 +684,69 @@ def test_swapaxes_and_swapdims_move_the_channels_like_transpose() -> None:
     # The forward propagation of replace follows them too (no group needed: nothing joins).
     replaced = fxindex.replace(gm, 0, nn.Conv2d(3, 5, 1))
     assert replaced.b.in_channels == 5 and replaced(x).shape == (2, 4, 5, 6)
+
+
+class SwinStage(nn.Module):
+    """Linear -> torchvision SwinTransformerBlock (its attention is one wrapped function) -> PatchMerging -> Linear."""
+
+    def __init__(self, dim: int = 12) -> None:
+        super().__init__()
+        from torchvision.models.swin_transformer import PatchMerging, SwinTransformerBlock
+
+        self.inp = nn.Linear(5, dim)
+        self.block = SwinTransformerBlock(dim, 3, window_size=[2, 2], shift_size=[1, 1], stochastic_depth_prob=0.0)
+        self.merge = PatchMerging(dim)
+        self.out = nn.Linear(2 * dim, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.merge(self.block(self.inp(x))))
+
+
+def _narrowed_swin(model: SwinStage, keep: list[int]) -> SwinStage:
+    """By hand: the same stage at width len(keep), every weight sliced to the kept channels."""
+    from torchvision.ops import MLP
+
+    dim, width = model.inp.out_features, len(keep)
+    small = SwinStage(width).eval()
+    small.block.mlp = MLP(width, [model.block.mlp[0].out_features, width], activation_layer=nn.GELU, inplace=None)
+    # The merge's reduction writes a fresh space: its outputs (and the head after it) keep their width.
+    small.merge.reduction = nn.Linear(4 * width, model.merge.reduction.out_features, bias=False)
+    small.out = copy.deepcopy(model.out)
+    small.eval()
+    rows = [third * dim + c for third in range(3) for c in keep]
+    phases = [phase * dim + c for phase in range(4) for c in keep]
+    with torch.no_grad():
+        small.inp.weight.copy_(model.inp.weight[keep]), small.inp.bias.copy_(model.inp.bias[keep])
+        for norm in ("norm1", "norm2"):
+            getattr(small.block, norm).weight.copy_(getattr(model.block, norm).weight[keep])
+            getattr(small.block, norm).bias.copy_(getattr(model.block, norm).bias[keep])
+        attn, ref = small.block.attn, model.block.attn
+        attn.qkv.weight.copy_(ref.qkv.weight[rows][:, keep]), attn.qkv.bias.copy_(ref.qkv.bias[rows])
+        attn.proj.weight.copy_(ref.proj.weight[keep][:, keep]), attn.proj.bias.copy_(ref.proj.bias[keep])
+        attn.relative_position_bias_table.copy_(ref.relative_position_bias_table)
+        small.block.mlp[0].weight.copy_(model.block.mlp[0].weight[:, keep]), small.block.mlp[0].bias.copy_(model.block.mlp[0].bias)
+        small.block.mlp[3].weight.copy_(model.block.mlp[3].weight[keep]), small.block.mlp[3].bias.copy_(model.block.mlp[3].bias[keep])
+        small.merge.norm.weight.copy_(model.merge.norm.weight[phases]), small.merge.norm.bias.copy_(model.merge.norm.bias[phases])
+        small.merge.reduction.weight.copy_(model.merge.reduction.weight[:, phases])
+    return small
+
+
+def test_torchvisions_swin_attention_and_patch_merging_resize_with_the_stream() -> None:
+    torch.manual_seed(0)
+    model = SwinStage().eval()
+    x = torch.randn(2, 4, 4, 5)
+    gm = fxindex.trace(model, example_inputs=(x,))
+    keep = [0, 2, 3, 5, 6, 7, 9, 10, 11]  # 3 of 4 channels in each of the 3 heads, at their own positions
+    narrow = fxindex.resize(gm, "inp", keep=keep)
+    narrow.graph.lint()
+    assert narrow.get_parameter("block.attn.qkv.weight").shape == (27, 9)
+    assert narrow.get_parameter("merge.reduction.weight").shape == (24, 36)
+    with torch.no_grad():
+        torch.testing.assert_close(narrow(x), _narrowed_swin(model, keep)(x))
+    # Widening changes head_dim and with it the 1/sqrt(head_dim) scale: the plan says so, and it runs.
+    plan = fxindex.plan_resize(gm, "inp", 15)
+    assert not plan.preserves_function
+    assert fxindex.resize(gm, "inp", 15)(x).shape == (2, 2, 2, 4)
+    # A width the 3 heads cannot share is refused with widths that work.
+    with pytest.raises(fxindex.EditError, match="multiple of 3"):
+        fxindex.resize(gm, "inp", 13)

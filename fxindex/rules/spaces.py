@@ -568,13 +568,111 @@ def relate_multihead_attention(context: SpaceContext) -> None:
 register_space_rule(*ELEMENTWISE_MODULES, *ELEMENTWISE_FUNCTIONS, *ELEMENTWISE_METHODS, F.sigmoid, F.tanh)(_pass_through)
 
 
+def relate_shifted_window_attention(context: SpaceContext) -> None:
+    """torchvision Swin's ``shifted_window_attention(x, qkv_weight, proj_weight, bias, window, num_heads, ...)``.
+
+    One wrapped function holds a whole attention block: ``F.linear`` by the
+    qkv weight (3C, C), a reshape of its output into (3, num_heads, C //
+    num_heads) where C is the input's width read at run time, attention per
+    window, ``F.linear`` by the proj weight (C, C). So the input width C is
+    also each third of the qkv rows and the proj's input: one space (its
+    parameters follow as ``get_attr`` members), cut into ``num_heads`` equal
+    blocks (``num_heads`` is a constant argument: every head changes alike,
+    and the relative-position bias over the heads cannot follow a head count
+    change, so its dims block). The output is the proj's rows. A change of
+    ``head_dim`` changes the 1/sqrt(head_dim) scale: a "normalizer" member
+    says the function changes.
+    """
+    node = context.node
+    _, dims = _input(context)
+    qkv_weight = context.dims(argument(node, 1, "qkv_weight"))
+    proj_weight = context.dims(argument(node, 2, "proj_weight"))
+    bias = context.dims(argument(node, 3, "relative_position_bias"))
+    heads = argument(node, 5, "num_heads")
+    qkv_bias = context.dims(argument(node, 9, "qkv_bias"))
+    proj_bias = context.dims(argument(node, 10, "proj_bias"))
+    shape = context.shape(argument(node, 0, "input"))
+    if (
+        dims is None
+        or shape is None
+        or qkv_weight is None
+        or proj_weight is None
+        or len(qkv_weight) != 2
+        or len(proj_weight) != 2
+        or not isinstance(heads, int)
+        or heads < 1
+        or shape[-1] % heads
+    ):
+        context.block_inputs("shifted_window_attention without recorded weight matrices or an int num_heads")
+        context.output(context.output_fresh())
+        return
+    width = shape[-1]
+    stream = dims[-1]
+    context.same(stream, qkv_weight[1])
+    # The qkv rows: q, k and v thirds, each laid out like the input (a product of 3 and C).
+    context.product(qkv_weight[0], [context.fresh(3), stream])
+    if qkv_bias is not None:
+        context.same(qkv_bias[0], qkv_weight[0])
+    context.same(proj_weight[1], stream)
+    if proj_bias is not None:
+        context.same(proj_bias[0], proj_weight[0])
+    context.concat(
+        stream,
+        [context.fresh(width // heads) for _ in range(heads)],
+        equal=True,
+        detail=f" (the {heads} heads of shifted_window_attention '{node.name}')",
+    )
+    if bias is not None:
+        context.block(list(bias), f"the relative-position bias of {heads} heads (num_heads is a constant argument)")
+    context.member("consumer", "in", stream, "shifted_window_attention", _no_op)
+    context.member("normalizer", "scale", stream, "shifted_window_attention's 1/sqrt(head_dim)")
+    context.member("producer", "out", proj_weight[0], "shifted_window_attention", _no_op)
+    context.output(dims[:-1] + (proj_weight[0],))
+
+
+def relate_relative_position_bias(context: SpaceContext) -> None:
+    """torchvision Swin's ``_get_relative_position_bias(table, index, window)``: (1, heads, N, N) from the table's heads."""
+    table = context.dims(argument(context.node, 0, "relative_position_bias_table"))
+    shape = context.shape(context.node)
+    if table is None or shape is None or len(table) != 2 or len(shape) != 4:
+        context.block_inputs("relative-position bias without a recorded (entries, heads) table")
+        context.output(context.output_fresh())
+        return
+    out = context.fresh_dims(shape)
+    context.same(out[1], table[1])
+    context.block([table[0]], "the relative-position table's entries are indexed by a constant index buffer")
+    context.output(out)
+
+
+def relate_patch_merging_pad(context: SpaceContext) -> None:
+    """torchvision Swin's ``_patch_merging_pad(x)``: (..., H, W, C) -> (..., H/2, W/2, 4C).
+
+    It pads H and W to even sizes and concatenates the four 2x2 phases along
+    the channels, so the output's channels are 4 copies of the input's: the
+    product of a fixed 4 and C.
+    """
+    _, dims = _input(context)
+    shape = context.shape(context.node)
+    if dims is None or shape is None or len(shape) != len(dims) or len(dims) < 3:
+        context.block_inputs("patch-merging pad of a tensor without recorded (..., H, W, C) shape")
+        context.output(context.output_fresh())
+        return
+    channels = context.fresh(shape[-1])
+    context.product(channels, [context.fresh(4), dims[-1]])
+    context.output(dims[:-3] + (context.fresh(shape[-3]), context.fresh(shape[-2]), channels))
+
+
 def _register_optional() -> None:
     """Rules for functions of optional libraries that torch.fx keeps as one call (``torch.fx.wrap``)."""
     try:
+        from torchvision.models import swin_transformer
         from torchvision.ops import stochastic_depth
     except Exception:  # torchvision is optional
         return
     register_space_rule(stochastic_depth)(_pass_through)
+    register_space_rule(swin_transformer.shifted_window_attention)(relate_shifted_window_attention)
+    register_space_rule(swin_transformer._get_relative_position_bias)(relate_relative_position_bias)
+    register_space_rule(swin_transformer._patch_merging_pad)(relate_patch_merging_pad)
 
 
 _register_optional()
