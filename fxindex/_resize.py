@@ -456,9 +456,25 @@ def plan_resize(
     """
     with using(rules):
         try:
-            return _plan_resize(model, index, width, keep, example_inputs)[1]
+            source, plan, _ = _plan_resize(model, index, width, keep, example_inputs)
+            inputs = _check_inputs(source, example_inputs)
+            if inputs is not None:
+                # The same check resize makes: a plan that says yes must run (a layout only a real
+                # kernel gives can break a later view). On a copy sharing the model's tensors.
+                trial = _copy(model if isinstance(model, fx.GraphModule) else source, share_tensors=True)
+                apply_plan(trial, plan)
+                _check_runs(trial, inputs)
+            return plan
         except FxIndexError as error:
             raise _with_context(error) from error.__cause__
+
+
+def _check_runs(result: fx.GraphModule, inputs: tuple[Any, ...]) -> None:
+    """Record ``result``'s shapes on ``inputs``; a :class:`PropagationError` if the resized graph fails."""
+    try:
+        record_shapes(result, inputs)
+    except ShapeMismatchError as error:
+        raise PropagationError(f"the resized graph does not run: {error}") from error
 
 
 def _with_context(error: FxIndexError) -> FxIndexError:
@@ -532,10 +548,7 @@ def resize(
             result = _copy(target, share_tensors=inplace)
             apply_plan(result, plan)
             if inputs is not None:
-                try:
-                    record_shapes(result, inputs)
-                except ShapeMismatchError as error:
-                    raise PropagationError(f"the resized graph does not run: {error}") from error
+                _check_runs(result, inputs)
             if inplace and not isinstance(model, fx.GraphModule):
                 # A plain module keeps its class and methods: the checked copy is written back into it.
                 from fxindex._writeback import write_back

@@ -1069,6 +1069,9 @@ def test_narrowing_to_one_channel_after_channels_last_refuses_or_runs() -> None:
     except fxindex.PropagationError as error:
         assert "does not run" in str(error) and "'view'" in str(error), error
         assert "view size is not compatible" in str(error), error
+        # The dry run says the same: a plan that claims to work must run.
+        with pytest.raises(fxindex.PropagationError, match="does not run.*'view'"):
+            fxindex.plan_resize(model, "fc", keep=[0], example_inputs=x)
     else:
         assert narrow.fc.out_features == narrow.conv.in_channels == 1
         with torch.no_grad():
