@@ -18,12 +18,13 @@ efficientvit_b0, two 1x3x128x128 frames for raft_small) the script:
    once with ``fxindex.plan`` and the plan installed into a deep copy with
    ``fxindex.replace``'s own second half (``apply_plan``): exactly what
    ``fxindex.replace(gm, site, wider)`` does, without planning twice. Where
-   the structure forbids 8 more outputs (a fused ``qkv`` Linear whose outputs
-   split into q, k, v x heads x head_dim), the site is widened instead with
-   ``fxindex.resize`` to the smallest larger width that fxindex's refusal of
-   ``resize(gm, site, width + 8)`` lists as working ("widths that work here:
-   ...", each one checked by solving the group, not estimated): the new
-   outputs are zero there too, and the outcome is sorted the same way;
+   the plan is refused (a fused ``qkv`` Linear whose outputs split into q, k,
+   v x heads x head_dim cannot take 8 more), the site is resized instead:
+   ``fxindex.plan_resize(gm, site, width + 8)`` (the whole group, the layer's
+   own input included), else the smallest larger width its refusal lists as
+   working ("widths that work here: ...", each one solved over the group, not
+   estimated), the plan installed as above: the new outputs are zero there
+   too, and the outcome is sorted the same way;
 3. sorts each site into one of: **same output** (the rebuilt graph lints and
    its outputs equal the original's on the original's slots, with a tolerance
    relative to the output's magnitude), **crosses a normalisation** (the plan
@@ -202,22 +203,24 @@ _WORKING = re.compile(r"widths that work here: ([\d, ]+)")
 
 
 def structured_widening(gm: torch.fx.GraphModule, site: int, old: int) -> tuple[torch.fx.GraphModule, Any] | None:
-    """Widen ``site`` with ``fxindex.resize`` to the smallest working width above ``old``, when +8 is refused.
+    """Widen ``site``'s group by +8 with ``fxindex.plan_resize``, else to the smallest working width above ``old``.
 
     Returns:
         ``(rebuilt copy, its plan)``, or ``None`` when no larger width works.
     """
     try:
-        return fxindex.resize(gm, site, old + EXTRA), fxindex.plan_resize(gm, site, old + EXTRA)
+        plan = fxindex.plan_resize(gm, site, old + EXTRA)
     except fxindex.FxIndexError as error:
         found = _WORKING.search(str(error))
-    larger = [int(w) for w in found.group(1).replace(" ", "").split(",") if w and int(w) > old] if found else []
-    if not larger:
-        return None
-    try:
-        return fxindex.resize(gm, site, min(larger)), fxindex.plan_resize(gm, site, min(larger))
-    except fxindex.FxIndexError:
-        return None
+        larger = [int(w) for w in found.group(1).replace(" ", "").split(",") if w and int(w) > old] if found else []
+        if not larger:
+            return None
+        try:
+            plan = fxindex.plan_resize(gm, site, min(larger))
+        except fxindex.FxIndexError:
+            return None
+    # Planned (and checked to run) once; installed as resize installs it.
+    return apply_plan(copy.deepcopy(gm), plan), plan
 
 
 def widen_site(

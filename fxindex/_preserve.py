@@ -148,7 +148,7 @@ def compare_layers(
         # device's own generator only: torch.manual_seed would also queue lazy seeding of
         # every other backend (CUDA, XPU, MTIA), a recorded traceback each, ~1 ms a call.
         if device.type == "cuda":
-            torch.cuda.manual_seed(_SEED)
+            torch.cuda.manual_seed_all(_SEED)  # CUDA is initialised here: no lazy queue
         else:
             torch.default_generator.manual_seed(_SEED)
         with preserving_buffers(module):

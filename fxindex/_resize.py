@@ -39,7 +39,6 @@ from fxindex._propagate import check_kept_slots
 from fxindex._replace import _as_slots, apply_plan
 from fxindex._shapes import record_shapes
 from fxindex._spaces import (
-    Concat,
     NodeEdit,
     Product,
     RebuildRequest,
@@ -51,6 +50,7 @@ from fxindex._spaces import (
     describe_node,
     equal_blocks_of,
     solve,
+    whole_part_widths,
     widths_that_work,
 )
 
@@ -79,7 +79,7 @@ def _start_mapping(old: int, width: int | None, keep: Sequence[int] | None, bloc
             )
         return default_mapping(old, width, blocks)
     # The same reading as replace's keep=: any iterable of ints, read once (tensors and numpy too).
-    keep = list(_as_slots(keep, label))
+    keep = list(keep)  # already read once by the caller (a generator is used up)
     if not keep:
         raise EditError(f"{label}: keep= is empty: a layer needs at least one channel")
     check_kept_slots(keep, old, label, f"the layer has {old} channels")
@@ -103,19 +103,6 @@ def _start_mapping(old: int, width: int | None, keep: Sequence[int] | None, bloc
             slot for b in range(blocks) for slot in (*keep[b * per_block : (b + 1) * per_block], *([None] * extra))
         )
     return tuple(keep) + (None,) * (width - len(keep))
-
-
-def _whole_parts_fit(analysis: SpaceAnalysis, root: int, width: int | None) -> bool:
-    """Whether ``width`` is a whole number of the parts of a concat whose part count may change."""
-    if width is None:
-        return False
-    return any(
-        isinstance(relation, Concat)
-        and relation.whole_parts
-        and analysis.find(relation.whole) == root
-        and width % analysis.width(relation.parts[0]) == 0
-        for relation in analysis.relations_of(root)
-    )
 
 
 def _check_reach(analysis: SpaceAnalysis, changes: Mapping[int, SlotMapping]) -> None:
@@ -163,9 +150,8 @@ def _candidate_widths(analysis: SpaceAnalysis, root: int, around: int) -> list[i
         if isinstance(relation, Product) and analysis.find(relation.whole) == root:
             widths = [analysis.width(factor) for factor in relation.factors]
             steps.update(old // size for size in widths if size > 1)
-        # Whole parts whose count may change (MultiheadAttention's heads): steps of one part.
-        if isinstance(relation, Concat) and relation.whole_parts and analysis.find(relation.whole) == root:
-            steps.add(analysis.width(relation.parts[0]))
+    # Whole parts whose count may change (MultiheadAttention's heads): steps of one part.
+    steps.update(whole_part_widths(analysis, root))
     tried = sorted(
         {old + k * step for step in steps for k in range(-3, 4) if k and old + k * step > 0} - {around},
         key=lambda w: (abs(w - around), w),
@@ -399,7 +385,8 @@ def _plan_resize(
     blocks = equal_blocks_of(analysis, root)
     if keep is not None:
         keep = list(_as_slots(keep, label))  # read once here: a generator is used up by this
-    if _whole_parts_fit(analysis, root, width if keep is None or width is not None else len(keep)):
+    asked = width if keep is None or width is not None else len(keep)
+    if asked is not None and any(asked % size == 0 for size in whole_part_widths(analysis, root)):
         # Whole heads kept, dropped or added (MultiheadAttention): the head count may change, so
         # the equal-blocks count is no constraint here; the solver checks the mapping.
         blocks = 1
@@ -447,7 +434,11 @@ def plan_resize(
 ) -> Plan:
     """What :func:`resize` would do, without doing it: every member it rebuilds or rewrites.
 
-    Takes :func:`resize`'s arguments (but never ``inplace``).
+    Takes :func:`resize`'s arguments (but never ``inplace``). Like
+    :func:`resize`, it installs the plan on a copy that shares the model's
+    tensors and re-records the shapes, so a plan it returns runs (a
+    ``PropagationError`` "the resized graph does not run" otherwise); the
+    model is only read.
         rules: rules in effect for this call only, before the registered ones
             (``{MyLayer: my_rule}``; see :func:`fxindex.rules.using`).
 

@@ -70,6 +70,7 @@ __all__ = [
     "default_mappings",
     "required_blocks",
     "whole_part_owners",
+    "whole_part_widths",
 ]
 
 SlotMapping = tuple[Union[int, None], ...]
@@ -1016,6 +1017,21 @@ def default_mapping(old: int, new: int, blocks: int = 1) -> SlotMapping:
     )
 
 
+def whole_part_widths(analysis: SpaceAnalysis, root: int) -> list[int]:
+    """The part widths of the concats of ``root``'s class whose part count may change (``whole_parts``).
+
+    ``nn.MultiheadAttention``'s heads: a width that is a whole number of such
+    parts may be reached by keeping, dropping or adding parts, whatever the
+    class's equal-blocks count.
+    """
+    root = analysis.find(root)
+    return [
+        analysis.width(relation.parts[0])
+        for relation in analysis.relations_of(root)
+        if isinstance(relation, Concat) and relation.whole_parts and analysis.find(relation.whole) == root
+    ]
+
+
 def default_mappings(analysis: SpaceAnalysis, root: int, new: int) -> list[SlotMapping]:
     """The mappings a resize of ``root``'s class to width ``new`` may use when no ``keep=`` is given, best first.
 
@@ -1049,13 +1065,9 @@ def default_mappings(analysis: SpaceAnalysis, root: int, new: int) -> list[SlotM
     old = analysis.width(root)
     blocks = equal_blocks_of(analysis, root)
     candidates: list[SlotMapping] = []
-    for relation in analysis.relations_of(root):
-        # Whole parts first (MultiheadAttention's heads): a new head keeps the function, a wider one does not.
-        if isinstance(relation, Concat) and relation.whole_parts and analysis.find(relation.whole) == root:
-            if new % analysis.width(relation.parts[0]) == 0:
-                mapping = default_mapping(old, new)
-                if mapping not in candidates:
-                    candidates.append(mapping)
+    # Whole parts first (MultiheadAttention's heads): a new head keeps the function, a wider one does not.
+    if any(new % size == 0 for size in whole_part_widths(analysis, root)):
+        candidates.append(default_mapping(old, new))
     if blocks > 1 and old % blocks == 0 and new % blocks == 0:
         candidates.append(default_mapping(old, new, blocks))
     for relation in analysis.relations_of(root):

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from hypothesis import HealthCheck, settings
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 __all__ = [
@@ -60,6 +61,29 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- assertions
+
+
+def metadata_key(meta: Any) -> Any:
+    """Every field of recorded ``tensor_meta``, nested like it (TensorMetadata compares field by field)."""
+    if isinstance(meta, TensorMetadata):
+        return tuple(meta)
+    if isinstance(meta, (tuple, list)):
+        return tuple(metadata_key(item) for item in meta)
+    return meta
+
+
+def real_metas(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> dict[str, Any]:
+    """node name -> metadata of one real forward through torch.fx's ShapeProp (on a copy of the graph)."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    copy = fx.GraphModule(gm, graph)
+    ShapeProp(copy).propagate(*inputs)
+    return {node.name: metadata_key(node.meta.get("tensor_meta")) for node in copy.graph.nodes}
+
+
+def recorded_metas(gm: fx.GraphModule) -> dict[str, Any]:
+    """node name -> the metadata fxindex recorded."""
+    return {node.name: metadata_key(node.meta.get("tensor_meta")) for node in gm.graph.nodes}
 
 
 def _outputs(value: Any) -> list[torch.Tensor]:

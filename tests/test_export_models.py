@@ -114,13 +114,15 @@ def _structured_widening(gm: torch.fx.GraphModule, site: int, old: int) -> tuple
     """Where 8 more outputs cannot be had (a fused qkv: q, k, v x heads x head_dim), ``resize`` to the
     smallest larger width its refusal lists as working (checked by fxindex, not estimated); new outputs zero."""
     try:
-        return fxindex.resize(gm, site, old + 8), fxindex.plan_resize(gm, site, old + 8)
+        plan = fxindex.plan_resize(gm, site, old + 8)
     except fxindex.FxIndexError as error:
         found = _WORKING.search(str(error))
-    larger = [int(w) for w in found.group(1).replace(" ", "").split(",") if w and int(w) > old] if found else []
-    if not larger:
-        return None
-    return fxindex.resize(gm, site, min(larger)), fxindex.plan_resize(gm, site, min(larger))
+        larger = [int(w) for w in found.group(1).replace(" ", "").split(",") if w and int(w) > old] if found else []
+        if not larger:
+            return None
+        plan = fxindex.plan_resize(gm, site, min(larger))
+    # Planned (and checked to run) once; installed as resize installs it.
+    return apply_plan(copy.deepcopy(gm), plan), plan
 
 
 def _widen(gm: torch.fx.GraphModule, site: int, inputs: tuple[torch.Tensor, ...], reference: list[torch.Tensor]) -> str:

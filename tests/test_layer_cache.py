@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from models import real_metas, recorded_metas
 
 import fxindex
 from fxindex import _layer_cache
@@ -31,24 +31,9 @@ def empty_cache() -> Iterator[None]:
     _layer_cache._shared.entries = saved
 
 
-def _key(meta: Any) -> Any:
-    if isinstance(meta, TensorMetadata):
-        return tuple(meta)
-    if isinstance(meta, (tuple, list)):
-        return tuple(_key(item) for item in meta)
-    return meta
-
-
 def _assert_like_a_real_run(model: nn.Module, inputs: tuple[Any, ...]) -> fx.GraphModule:
     gm = fxindex.trace(model, example_inputs=inputs)
-    # The same graph (fxindex's leaves), run for real on a copy.
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    real = fx.GraphModule(gm, graph)
-    ShapeProp(real).propagate(*inputs)
-    ours = {n.name: _key(n.meta.get("tensor_meta")) for n in gm.graph.nodes}
-    theirs = {n.name: _key(n.meta.get("tensor_meta")) for n in real.graph.nodes}
-    assert ours == theirs
+    assert recorded_metas(gm) == real_metas(gm, inputs)  # the same graph (fxindex's leaves), run for real
     return gm
 
 

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 import fxindex
 import zoo
+from models import real_metas, recorded_metas
 from fxindex import _shapes as shapes
 
 FULL_ZOO = os.environ.get("FXINDEX_FULL_ZOO") == "1"
@@ -56,28 +56,6 @@ def _zoo_params() -> list[Any]:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _key(meta: Any) -> Any:
-    """Every field of the recorded metadata, nested like it (TensorMetadata compares field by field)."""
-    if isinstance(meta, TensorMetadata):
-        return tuple(meta)
-    if isinstance(meta, (tuple, list)):
-        return tuple(_key(item) for item in meta)
-    return meta
-
-
-def _real_metas(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> dict[str, Any]:
-    """node name -> metadata of one real forward through torch.fx's ShapeProp (on a copy of the graph)."""
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    copy = fx.GraphModule(gm, graph)
-    ShapeProp(copy).propagate(*inputs)
-    return {node.name: _key(node.meta.get("tensor_meta")) for node in copy.graph.nodes}
-
-
-def _recorded(gm: fx.GraphModule) -> dict[str, Any]:
-    return {node.name: _key(node.meta.get("tensor_meta")) for node in gm.graph.nodes}
 
 
 def _differences(ours: dict[str, Any], real: dict[str, Any]) -> list[str]:
@@ -147,8 +125,8 @@ def test_zoo_shapes_on_meta_equal_a_real_forward(name: str, meta_spy: _Spy) -> N
         gm = fxindex.trace(model)
         fxindex.record_shapes(gm, inputs)
         _assert_meta_path_only(meta_spy)
-        ours = _recorded(gm)
-        real = _real_metas(gm, inputs)
+        ours = recorded_metas(gm)
+        real = real_metas(gm, inputs)
         assert sum(value is not None for value in real.values()) > 10
         assert _differences(ours, real) == []
     finally:
@@ -188,8 +166,8 @@ def test_requires_grad_matches_a_real_run(case: str, meta_spy: _Spy) -> None:
     grad_mode = {"no-grad": torch.no_grad, "inference-mode": torch.inference_mode}.get(case, torch.enable_grad)
     with grad_mode():
         fxindex.record_shapes(gm, (x,))
-        ours = _recorded(gm)
-        real = _real_metas(gm, (x,))
+        ours = recorded_metas(gm)
+        real = real_metas(gm, (x,))
     _assert_meta_path_only(meta_spy)
     assert _differences(ours, real) == []
     flags = {name: meta[2] for name, meta in ours.items() if meta is not None}
@@ -309,7 +287,7 @@ def test_only_the_node_meta_cannot_run_goes_to_fake_tensors(meta_spy: _Spy) -> N
     fxindex.record_shapes(gm, (x,))
     assert len(meta_spy.recorders) == 1
     assert [node.name for node in meta_spy.recorders[0].fake_nodes] == ["_1"]
-    assert _differences(_recorded(gm), _real_metas(gm, (x,))) == []
+    assert _differences(recorded_metas(gm), real_metas(gm, (x,))) == []
 
 
 def test_a_data_dependent_leaf_falls_back_to_one_real_forward(meta_spy: _Spy) -> None:
@@ -334,10 +312,10 @@ def test_a_data_dependent_leaf_falls_back_to_one_real_forward(meta_spy: _Spy) ->
 def test_bad_inputs_still_name_the_node() -> None:
     """Inputs that do not fit fail on meta, on fake and for real: ShapeMismatchError names the node and inputs."""
     gm = fxindex.trace(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(5, 2)))
-    before = _recorded(gm)
+    before = recorded_metas(gm)
     with pytest.raises(fxindex.ShapeMismatchError, match=r"Tensor\[2, 3\].*node '_2'"):
         fxindex.record_shapes(gm, (torch.randn(2, 3),))
-    assert _recorded(gm) == before
+    assert recorded_metas(gm) == before
 
 
 def test_channels_last_layouts_are_those_of_the_models_device(meta_spy: _Spy) -> None:
@@ -348,8 +326,8 @@ def test_channels_last_layouts_are_those_of_the_models_device(meta_spy: _Spy) ->
     gm = fxindex.trace(model.eval())
     fxindex.record_shapes(gm, (x,))
     _assert_meta_path_only(meta_spy)
-    ours = _recorded(gm)
-    assert ours == _real_metas(gm, (x,))
+    ours = recorded_metas(gm)
+    assert ours == real_metas(gm, (x,))
     assert ours["_0"][4] == torch.channels_last  # the control: plain meta says contiguous here
     plain = F.conv2d(x.to("meta"), model[0].weight.to("meta"), padding=1)
     assert not plain.is_contiguous(memory_format=torch.channels_last)
@@ -375,7 +353,7 @@ def test_computed_weights_run_on_meta(meta_spy: _Spy) -> None:
     x = torch.randn(2, 5, 6)
     fxindex.record_shapes(gm, (x,))
     _assert_meta_path_only(meta_spy)
-    assert _differences(_recorded(gm), _real_metas(gm, (x,))) == []
+    assert _differences(recorded_metas(gm), real_metas(gm, (x,))) == []
 
 
 def test_fake_inputs_record_what_real_inputs_do(meta_spy: _Spy) -> None:
@@ -385,12 +363,12 @@ def test_fake_inputs_record_what_real_inputs_do(meta_spy: _Spy) -> None:
     gm = fxindex.trace(model)
     x = torch.randn(3, 3, 8, 8)
     fxindex.record_shapes(gm, (x,))
-    real_inputs = _recorded(gm)
+    real_inputs = recorded_metas(gm)
     with FakeTensorMode() as mode:
         fake = torch.empty(3, 3, 8, 8)
     assert mode is not None
     fxindex.record_shapes(gm, (fake,))
-    assert _recorded(gm) == real_inputs == _real_metas(gm, (x,))
+    assert recorded_metas(gm) == real_inputs == real_metas(gm, (x,))
     assert len(meta_spy.recorders) == 2
 
 
@@ -417,14 +395,14 @@ def test_threads_record_shapes_of_one_model_at_once() -> None:
     model.train()
     x = torch.randn(2, 3, 8, 8)
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    expected = _recorded(fxindex.trace(model, example_inputs=(x,)))
+    expected = recorded_metas(fxindex.trace(model, example_inputs=(x,)))
     traces = [fxindex.trace(model) for _ in range(3)]  # share the model's layers and tensors
     results: list[Any] = []
 
     def work(gm: fx.GraphModule) -> None:
         for _ in range(5):
             fxindex.record_shapes(gm, (x,))
-            results.append(_recorded(gm))
+            results.append(recorded_metas(gm))
 
     threads = [threading.Thread(target=work, args=(gm,)) for gm in traces]
     for thread in threads:
@@ -492,8 +470,8 @@ def test_a_traced_factory_call_records_what_a_real_run_does(meta_spy: _Spy) -> N
     x = torch.randn(2, 5)
     fxindex.record_shapes(gm, (x,))
     _assert_meta_path_only(meta_spy)
-    assert _differences(_recorded(gm), _real_metas(gm, (x,))) == []
-    assert _recorded(gm)["add_1"][1] == torch.float64
+    assert _differences(recorded_metas(gm), real_metas(gm, (x,))) == []
+    assert recorded_metas(gm)["add_1"][1] == torch.float64
 
 
 def test_the_kernel_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -552,8 +530,8 @@ def test_planning_reruns_touched_nodes_on_meta(monkeypatch: pytest.MonkeyPatch) 
     assert max(copies.first_arguments.count(given) for given in copies.first_arguments) <= 2
     # The rebuilt conv2 (12 -> 8 channels) was converted in the plan, once.
     assert copies.times_given(new.get_submodule("conv2").weight) == 1
-    real = _real_metas(new, (x,))
-    assert _differences(_recorded(new), real) == []
+    real = real_metas(new, (x,))
+    assert _differences(recorded_metas(new), real) == []
 
 
 def test_planning_falls_back_to_fake_for_a_layer_meta_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -656,7 +634,7 @@ def test_group_norm_layouts_are_recorded_as_a_real_run_has_them(layout: str, met
     gm = fxindex.trace(model.eval())
     fxindex.record_shapes(gm, (x,))
     _assert_meta_path_only(meta_spy)
-    assert _differences(_recorded(gm), _real_metas(gm, (x,))) == []
+    assert _differences(recorded_metas(gm), real_metas(gm, (x,))) == []
     conv = next(node for node in gm.graph.nodes if node.name == "conv").meta["tensor_meta"]
     assert (conv.memory_format == torch.channels_last) == (layout != "contiguous"), conv
 
@@ -673,7 +651,7 @@ class OneChannelView(nn.Module):
         return self.conv(self.norm(x.permute(0, 3, 1, 2).contiguous())).view(-1, 18)
 
 
-def test_a_view_the_cpu_layout_breaks_is_reported_not_recorded() -> None:
+def test_a_view_the_cpu_layout_breaks_is_reported_notrecorded_metas() -> None:
     """The pass used to record this model as running (meta's contiguous norm); a real run fails at the view."""
     model, x = OneChannelView().eval(), torch.randn(2, 3, 3, 1)
     with pytest.raises(RuntimeError, match="view size is not compatible"):
@@ -702,4 +680,4 @@ def test_a_node_rerun_on_fake_tensors_gets_the_cpu_layout_too(meta_spy: _Spy) ->
     x = _one_channel_channels_last()
     fxindex.record_shapes(gm, (x,))
     assert [node.name for node in meta_spy.recorders[0].fake_nodes] == ["_0"]
-    assert _differences(_recorded(gm), _real_metas(gm, (x,))) == []
+    assert _differences(recorded_metas(gm), real_metas(gm, (x,))) == []

@@ -750,3 +750,23 @@ def test_torchvisions_swin_attention_and_patch_merging_resize_with_the_stream() 
     # A width the 3 heads cannot share is refused with widths that work.
     with pytest.raises(fxindex.EditError, match="multiple of 3"):
         fxindex.resize(gm, "inp", 13)
+
+
+def test_swin_v2s_position_bias_mlp_is_refused_at_the_attention_that_fixes_the_head_count() -> None:
+    """Swin V2's ``cpb_mlp`` writes the relative-position table, one column per head: its last Linear
+    cannot change width (num_heads is a constant argument). The refusal names the attention and why,
+    not "no rule for _get_relative_position_bias" (which a new rule would not mend); its hidden layer resizes.
+    """
+    from torchvision.models.swin_transformer import SwinTransformerBlockV2
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 12), SwinTransformerBlockV2(12, 3, window_size=[2, 2], shift_size=[0, 0])).eval()
+    x = torch.randn(1, 4, 4, 5)
+    gm = fxindex.trace(model, example_inputs=(x,))
+    found = fxindex.group(gm, "1.attn.cpb_mlp.2")
+    assert not found.resizable
+    assert found.blocked_op is not None and "shifted_window_attention" in found.blocked_op
+    assert "relative-position bias of 3 heads" in (found.reason or "")
+    hidden = fxindex.resize(gm, "1.attn.cpb_mlp.0", 520)
+    assert hidden.get_submodule("1.attn.cpb_mlp.2").in_features == 520
+    torch.testing.assert_close(hidden(x), model(x))

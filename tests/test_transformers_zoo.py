@@ -63,20 +63,21 @@ def _t5() -> nn.Module:
     return transformers.T5ForConditionalGeneration(config)
 
 
-def _qwen2() -> nn.Module:
-    config = transformers.Qwen2Config(
+def _decoder(kind: str) -> nn.Module:
+    """A tiny ``{kind}ForCausalLM`` with grouped-query attention (2 query heads per key/value head)."""
+    config = getattr(transformers, f"{kind}Config")(
         vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64,
     )  # fmt: skip
-    return transformers.Qwen2ForCausalLM(config)
+    return getattr(transformers, f"{kind}ForCausalLM")(config)
+
+
+def _qwen2() -> nn.Module:
+    return _decoder("Qwen2")
 
 
 def _llama() -> nn.Module:
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config)
+    return _decoder("Llama")
 
 
 def _bert() -> nn.Module:
