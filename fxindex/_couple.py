@@ -29,7 +29,7 @@ from fxindex._plan import Plan
 from fxindex._propagate import Target, planner_for
 from fxindex._shapes import TensorMetadata, record_shapes_on
 
-__all__ = ["plan_coupled", "zeros_like_recorded"]
+__all__ = ["plan_coupled", "trial_view", "zeros_like_recorded"]
 
 
 def zeros_like_recorded(graph_module: fx.GraphModule) -> tuple[Any, ...] | None:
@@ -85,7 +85,7 @@ def plan_coupled(graph_module: fx.GraphModule, graph: fx.Graph, target: Target, 
     change = planner.changes.get(node)
     if change is None:
         raise refusal
-    view = fx.GraphModule(graph_module, copy.deepcopy(graph), class_name=type(graph_module).__name__)
+    view = _view(graph_module, graph)
     try:
         analysis = analyze(view)
         view_node = next(n for n in view.graph.nodes if n.name == node.name)
@@ -141,6 +141,37 @@ def plan_coupled(graph_module: fx.GraphModule, graph: fx.Graph, target: Target, 
     return planned
 
 
+def _view(graph_module: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule over a copy of ``graph`` sharing ``graph_module``'s layers, with containers of its own."""
+    return fx.GraphModule(graph_module, copy.deepcopy(graph), class_name=type(graph_module).__name__)
+
+
+def trial_view(graph_module: fx.GraphModule, planned: Plan, graph: fx.Graph | None = None) -> fx.GraphModule:
+    """``planned`` installed into a view of ``graph_module``: a dry run that leaves the model untouched.
+
+    The view shares every layer and tensor of ``graph_module`` and has its own
+    containers and graph, so installing there sets new layers on the view only
+    (an owner of a ``get_attr`` tensor the plan replaces gets a shallow copy
+    first). Costs no copy of a layer: what a check that the plan runs needs
+    (``plan_resize``, the coupled ``replace``), where a deep copy of a large
+    model took most of the time.
+
+    Args:
+        graph_module: the model the plan was computed on (read only).
+        planned: the plan to install.
+        graph: the graph the plan was computed on, when not ``graph_module.graph``.
+
+    Returns:
+        The view, linted and recompiled, with the plan installed.
+    """
+    from fxindex._replace import apply_plan
+
+    view = _view(graph_module, graph if graph is not None else graph_module.graph)
+    for target_name in planned.tensors:
+        _own_owner(view, target_name)
+    return apply_plan(view, planned)
+
+
 def _own_owner(view: fx.GraphModule, target: str) -> None:
     """Give ``view`` its own shallow copy of the module holding ``target``, so setting it there is local.
 
@@ -167,12 +198,8 @@ def _refused(refusal: PropagationError, reason: str) -> PropagationError:
 
 def _verified_shapes(view: fx.GraphModule, planned: Plan, target: Target) -> dict[str, Any]:
     """Install ``planned`` into ``view`` and record every node's shape on fake tensors: the new shapes."""
-    from fxindex._replace import apply_plan
-
     inputs = zeros_like_recorded(view)
-    for target_name in planned.tensors:
-        _own_owner(view, target_name)
-    apply_plan(view, planned)
+    view = trial_view(view, planned)
     if inputs is None:
         return {}
     try:

@@ -29,6 +29,7 @@ import torch
 from torch import fx, nn
 
 from fxindex.rules.registry import using
+from fxindex._couple import trial_view
 from fxindex._errors import EditError, FxIndexError, PropagationError, ShapeMismatchError
 from fxindex._group import group_of_node, prepare
 from fxindex._index import LayerIndex
@@ -451,10 +452,8 @@ def plan_resize(
             inputs = _check_inputs(source, example_inputs)
             if inputs is not None:
                 # The same check resize makes: a plan that says yes must run (a layout only a real
-                # kernel gives can break a later view). On a copy sharing the model's tensors.
-                trial = _copy(model if isinstance(model, fx.GraphModule) else source, share_tensors=True)
-                apply_plan(trial, plan)
-                _check_runs(trial, inputs)
+                # kernel gives can break a later view). On a view sharing the model's layers.
+                _check_runs(trial_view(model if isinstance(model, fx.GraphModule) else source, plan), inputs)
             return plan
         except FxIndexError as error:
             raise _with_context(error) from error.__cause__

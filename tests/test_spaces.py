@@ -770,3 +770,76 @@ def test_swin_v2s_position_bias_mlp_is_refused_at_the_attention_that_fixes_the_h
     hidden = fxindex.resize(gm, "1.attn.cpb_mlp.0", 520)
     assert hidden.get_submodule("1.attn.cpb_mlp.2").in_features == 520
     torch.testing.assert_close(hidden(x), model(x))
+
+
+class MaxVitAttentionStage(nn.Module):
+    """Linear -> x + torchvision MaxViT attention(x) -> Linear. The attention merges its heads back with
+    ``out.reshape(B, G, P, D)``, ``D`` read from its input's shape at run time: the stream's width, not the heads'.
+    """
+
+    def __init__(self, dim: int = 16, head_dim: int = 4) -> None:
+        super().__init__()
+        from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
+
+        self.inp = nn.Linear(5, dim)
+        self.attn = RelativePositionalMultiHeadAttention(dim, head_dim, 4)
+        self.out = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inp(x)
+        return self.out(y + self.attn(y))
+
+
+def test_a_size_read_at_run_time_from_another_tensor_becomes_the_reshaped_dims_width() -> None:
+    """MaxViT: resizing the stream must not resize the heads' merge through ``D = x.shape[-1]``."""
+    torch.manual_seed(0)
+    model = MaxVitAttentionStage().eval()
+    x = torch.randn(2, 3, 4, 5)  # (B, G, P, features): 3 windows of 4 tokens
+    gm = fxindex.trace(model, example_inputs=(x,))
+    found = group(gm, "inp")
+    assert any("read at run time" in member.detail for member in found.members), found.table()
+    wider = fxindex.resize(gm, "inp", 24)
+    wider.graph.lint()
+    assert wider.attn.to_qkv.out_features == 48 and wider.attn.merge.out_features == 24
+    torch.testing.assert_close(wider(x), model(x))  # no norm in the group: exactly the same function
+    keep = [0, 3, 4, 5, 7, 9, 12, 15]
+    narrow = fxindex.resize(gm, "inp", keep=keep)
+    narrow.graph.lint()
+    small = copy.deepcopy(model)
+    with torch.no_grad():
+        small.inp = nn.Linear(5, len(keep))
+        small.inp.weight.copy_(model.inp.weight[keep]), small.inp.bias.copy_(model.inp.bias[keep])
+        qkv, merge = model.attn.to_qkv, model.attn.merge
+        small.attn.to_qkv = nn.Linear(len(keep), qkv.out_features)
+        small.attn.to_qkv.weight.copy_(qkv.weight[:, keep]), small.attn.to_qkv.bias.copy_(qkv.bias)
+        small.attn.merge = nn.Linear(merge.in_features, len(keep))
+        small.attn.merge.weight.copy_(merge.weight[keep]), small.attn.merge.bias.copy_(merge.bias[keep])
+        small.out = nn.Linear(len(keep), 3)
+        small.out.weight.copy_(model.out.weight[:, keep]), small.out.bias.copy_(model.out.bias)
+    # The hand-built one reads D = 8 from its input, but its heads are still 16 wide: it cannot run as is,
+    # so the reference is computed by its parts.
+    with torch.no_grad():
+        y = small.inp(x)
+        attn = model.attn
+        B, G, P, _ = y.shape
+        q, k, v = small.attn.to_qkv(y).chunk(3, dim=-1)
+        q, k, v = (t.reshape(B, G, P, attn.n_heads, attn.head_dim).permute(0, 1, 3, 2, 4) for t in (q, k, v))
+        weights = F.softmax(q @ (k * attn.scale_factor).transpose(-1, -2) + attn.get_relative_positional_bias(), dim=-1)
+        heads = (weights @ v).permute(0, 1, 3, 2, 4).reshape(B, G, P, -1)
+        expected = small.out(y + small.attn.merge(heads))
+    torch.testing.assert_close(narrow(x), expected)
+    # The heads' side (the einsum rule relates q, k and v): 3 of each head's 4 channels. The merge's
+    # reshape reads D = 16 from the stream, which keeps its width: the size becomes the heads' 12.
+    rows = [part * 16 + head * 4 + d for part in range(3) for head in range(4) for d in range(3)]
+    heads = fxindex.resize(gm, "attn.to_qkv", keep=rows)
+    heads.graph.lint()
+    assert heads.attn.merge.in_features == 12
+    with torch.no_grad():
+        y = model.inp(x)
+        q, k, v = F.linear(y, qkv.weight[rows], qkv.bias[rows]).chunk(3, dim=-1)
+        q, k, v = (t.reshape(B, G, P, attn.n_heads, 3).permute(0, 1, 3, 2, 4) for t in (q, k, v))
+        # The scale is a constant of the traced code (head_dim ** -0.5 of the old head_dim): it stays.
+        weights = F.softmax(q @ (k * attn.scale_factor).transpose(-1, -2) + attn.get_relative_positional_bias(), dim=-1)
+        merged = F.linear((weights @ v).permute(0, 1, 3, 2, 4).reshape(B, G, P, 12), merge.weight[:, rows[:12]], merge.bias)
+        expected = model.out(y + merged)
+    torch.testing.assert_close(heads(x), expected)

@@ -866,6 +866,63 @@ def relate_matmul(context: SpaceContext) -> None:
     context.output(tuple(batch) + (a[-2], b[-1]))
 
 
+def _einsum_terms(node: fx.Node) -> tuple[list[str], str, list[Any]] | None:
+    """``torch.einsum``'s input terms, output term and operands; ``None`` for an ellipsis or an unusual call."""
+    if not node.args or not isinstance(node.args[0], str):
+        return None
+    operands = list(node.args[1:])
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    equation = node.args[0].replace(" ", "")
+    if "." in equation:
+        return None
+    inputs, arrow, output = equation.partition("->")
+    terms = inputs.split(",")
+    if not arrow:  # implicit output: the letters used once, in alphabetical order
+        letters = "".join(terms)
+        output = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    if len(terms) != len(operands) or not all(term.isalpha() for term in terms + ([output] if output else [])):
+        return None
+    return terms, output, operands
+
+
+@register_space_rule(torch.einsum, *aten_overloads("einsum.default"))
+def relate_einsum(context: SpaceContext) -> None:
+    """``torch.einsum``: dims named by one letter are one space (kept or contracted); sizes are read at run time.
+
+    MaxViT's attention (``"B G H I D, B G H J D -> B G H I J"``): the contracted
+    ``D`` of ``q`` and ``k`` is their common head width, as in a matmul. A dim
+    of size 1 broadcasts and stays its own space. An equation with ``...``
+    blocks its operands.
+    """
+    parsed = _einsum_terms(context.node)
+    shape = context.shape(context.node)
+    if parsed is None or shape is None:
+        context.block_inputs("einsum with an ellipsis, an implicit form fxindex cannot read, or no recorded shapes")
+        return
+    terms, output, operands = parsed
+    by_letter: dict[str, list[tuple[int, int]]] = {}
+    for term, operand in zip(terms, operands):
+        dims, sizes = context.dims(operand), context.shape(operand)
+        if dims is None or sizes is None or len(dims) != len(term):
+            context.block_inputs("einsum of a value that is not a tensor of its term's rank")
+            return
+        for letter, space, size in zip(term, dims, sizes):
+            by_letter.setdefault(letter, []).append((space, size))
+    spaces: dict[str, int] = {}
+    for letter, entries in by_letter.items():
+        wide = [space for space, size in entries if size != 1]
+        for space in wide[1:]:
+            context.same(wide[0], space)
+        if wide:
+            spaces[letter] = wide[0]
+    result = tuple(
+        spaces[letter] if letter in spaces and context.width(spaces[letter]) == size else context.fresh(size)
+        for letter, size in zip(output, shape)
+    )
+    context.output(result)
+
+
 def _rebuild_attention(request: RebuildRequest) -> NodeEdit:
     """Keep the attention's ``1/sqrt(head_dim)`` scale when ``head_dim`` changes (zero new slots then add nothing)."""
     node = request.node
@@ -978,9 +1035,15 @@ def _rebuild_view(request: RebuildRequest) -> NodeEdit:
     changed = []
     for slot in request.mappings:
         position = int(slot[3:])
-        if isinstance(sizes[position], int) and sizes[position] != -1:
-            changed.append(f"{sizes[position]} -> {request.width(slot)}")
-            sizes[position] = request.width(slot)
+        size, width = sizes[position], request.width(f"out{position}")
+        if isinstance(size, fx.Node):
+            if request.width(f"src{position}") == width:
+                continue  # the tensor it is read from keeps matching: the run-time value stays right
+            changed.append(f"{size.name} (read at run time) -> {width}")
+            sizes[position] = width
+        elif slot.startswith("out") and isinstance(size, int) and size != -1:
+            changed.append(f"{size} -> {width}")
+            sizes[position] = width
     if not changed:
         return NodeEdit()
     if "shape" in node.kwargs and len(node.args) <= 1:
@@ -1131,7 +1194,37 @@ def relate_view(context: SpaceContext) -> None:
         for position, size in enumerate(sizes):
             if isinstance(size, int) and size not in (-1, 1):
                 context.member("shape", f"out{position}", result[position], f"size {size}", _rebuild_view)
+            elif isinstance(size, fx.Node) and shape[position] != 1:
+                source = _measured_dim(context, size)
+                if source is not None:
+                    # A size read from another tensor at run time (MaxViT's attention: ``B, G, P, D =
+                    # x.shape`` ... ``out.reshape(B, G, P, D)``, the heads merged back to the stream's
+                    # width). The two dims are different spaces that happen to be equally wide: when
+                    # either is resized and they no longer match, the size becomes the width the
+                    # reshaped dim has.
+                    detail = f"size '{size.name}', read at run time from another tensor"
+                    context.member("shape", f"out{position}", result[position], detail, _rebuild_view)
+                    context.member("shape", f"src{position}", source, detail, _rebuild_view)
     context.output(result)
+
+
+def _measured_dim(context: SpaceContext, size: fx.Node) -> int | None:
+    """The space whose width the run-time int ``size`` reads: ``x.shape[k]``, ``x.size()[k]``, ``x.size(k)``."""
+    tensor, dim = None, None
+    if size.op == "call_function" and size.target is operator.getitem and len(size.args) == 2:
+        holder, dim = size.args
+        if isinstance(holder, fx.Node) and holder.op == "call_function" and holder.target is builtins.getattr:
+            if holder.args[1:] == ("shape",):
+                tensor = holder.args[0]
+        elif isinstance(holder, fx.Node) and holder.op == "call_method" and holder.target == "size":
+            if len(holder.args) == 1 and not holder.kwargs:
+                tensor = holder.args[0]
+    elif size.op == "call_method" and size.target == "size":
+        tensor, dim = size.args[0], argument(size, 1, "dim")
+    dims = context.dims(tensor)
+    if dims is None or not isinstance(dim, int) or not -len(dims) <= dim < len(dims):
+        return None
+    return dims[dim]
 
 
 @register_space_rule("reshape_as", "view_as")
