@@ -198,7 +198,11 @@ def _add_working_widths(error: FxIndexError, analysis: SpaceAnalysis, root: int,
         text = f"; widths that work here: {', '.join(map(str, found))}"
     else:
         tried = _candidate_widths(analysis, root, width)
-        text = f"; none of the widths near {analysis.width(root)} works without keep= (tried {', '.join(map(str, sorted(tried)))})"
+        # Checked, so this overrules any multiple suggested above: another relation of the group refuses those.
+        text = (
+            f"; but no width near {analysis.width(root)} works without keep=, whatever the multiple (tried "
+            f"{', '.join(map(str, sorted(tried)))}: each is refused by another relation of the group)"
+        )
     error.args = (error.args[0] + text,) + error.args[1:]
 
 

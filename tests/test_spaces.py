@@ -843,3 +843,37 @@ def test_a_size_read_at_run_time_from_another_tensor_becomes_the_reshaped_dims_w
         merged = F.linear((weights @ v).permute(0, 1, 3, 2, 4).reshape(B, G, P, 12), merge.weight[:, rows[:12]], merge.bias)
         expected = model.out(y + merged)
     torch.testing.assert_close(heads(x), expected)
+
+
+class EinsumMix(nn.Module):
+    """conv -> einsum mixing the channels with a (C, C) parameter -> conv; ``ellipsis`` writes it with ``...``."""
+
+    def __init__(self, ellipsis: bool = False) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 1)
+        self.mix = nn.Parameter(torch.randn(6, 6))
+        self.b = nn.Conv2d(6, 2, 1)
+        self.equation = "bc...,cd->bd..." if ellipsis else "bchw,cd->bdhw"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.einsum(self.equation, self.a(x), self.mix))
+
+
+def test_einsum_relates_the_dims_named_by_one_letter() -> None:
+    torch.manual_seed(0)
+    model = EinsumMix().eval()
+    x = torch.randn(2, 3, 4, 4)
+    gm = fxindex.trace(model, example_inputs=(x,))
+    members = {m.name for m in group(gm, "a").members}
+    assert "mix" in members and "b" not in members  # the contracted c carries the mix's rows; d is its own space
+    keep = [5, 0, 2, 3]
+    narrow = fxindex.resize(gm, "a", keep=keep)
+    with torch.no_grad():
+        y = F.conv2d(x, model.a.weight[keep], model.a.bias[keep])
+        expected = model.b(torch.einsum("bchw,cd->bdhw", y, model.mix[keep]))
+    torch.testing.assert_close(narrow(x), expected)
+    wider = fxindex.resize(gm, "a", 9)
+    torch.testing.assert_close(wider(x), model(x))
+    # An ellipsis is not read: the group is blocked at the einsum, which the message names.
+    blocked = group(fxindex.trace(EinsumMix(ellipsis=True).eval(), example_inputs=(x,)), "a")
+    assert not blocked.resizable and blocked.blocked_by == "einsum" and "ellipsis" in blocked.reason

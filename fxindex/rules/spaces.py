@@ -1202,7 +1202,7 @@ def relate_view(context: SpaceContext) -> None:
                     # width). The two dims are different spaces that happen to be equally wide: when
                     # either is resized and they no longer match, the size becomes the width the
                     # reshaped dim has.
-                    detail = f"size '{size.name}', read at run time from another tensor"
+                    detail = f"size '{size.name}', read at run time"
                     context.member("shape", f"out{position}", result[position], detail, _rebuild_view)
                     context.member("shape", f"src{position}", source, detail, _rebuild_view)
     context.output(result)
