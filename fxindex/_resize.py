@@ -40,6 +40,7 @@ from fxindex._propagate import check_kept_slots
 from fxindex._replace import _as_slots, apply_plan
 from fxindex._shapes import record_shapes
 from fxindex._spaces import (
+    Concat,
     NodeEdit,
     Product,
     RebuildRequest,
@@ -146,11 +147,23 @@ def _candidate_widths(analysis: SpaceAnalysis, root: int, around: int) -> list[i
     """Widths worth trying near ``around``: steps of the equal blocks, of each product factor's blocks and of whole parts, nearest first."""
     old = analysis.width(root)
     steps = {equal_blocks_of(analysis, root)}
-    for relation in analysis.relations_of(root):
+
+    def product_steps(space: int) -> set[int]:
         # A product (heads): one factor changing moves the width in steps of the others' product.
-        if isinstance(relation, Product) and analysis.find(relation.whole) == root:
-            widths = [analysis.width(factor) for factor in relation.factors]
-            steps.update(old // size for size in widths if size > 1)
+        found: set[int] = set()
+        for relation in analysis.relations_of(space):
+            if isinstance(relation, Product) and analysis.find(relation.whole) == space:
+                widths = [analysis.width(factor) for factor in relation.factors]
+                found.update(analysis.width(space) // size for size in widths if size > 1)
+        return found
+
+    steps.update(product_steps(root))
+    for relation in analysis.relations_of(root):
+        # Equal parts that are products themselves (MaxViT's q, k and v, each heads x head_dim):
+        # every part moves alike, so the whole moves in steps of (parts x a part's step).
+        if isinstance(relation, Concat) and relation.equal and analysis.find(relation.whole) == root:
+            parts = len(relation.parts)
+            steps.update(parts * step for step in product_steps(analysis.find(relation.parts[0])))
     # Whole parts whose count may change (MultiheadAttention's heads): steps of one part.
     steps.update(whole_part_widths(analysis, root))
     tried = sorted(

@@ -843,6 +843,13 @@ def test_a_size_read_at_run_time_from_another_tensor_becomes_the_reshaped_dims_w
         merged = F.linear((weights @ v).permute(0, 1, 3, 2, 4).reshape(B, G, P, 12), merge.weight[:, rows[:12]], merge.bias)
         expected = model.out(y + merged)
     torch.testing.assert_close(heads(x), expected)
+    # 8 more outputs cut q, k and v's heads: the refusal lists the widths that work (whole heads or a
+    # channel more in every head, found through the parts' heads x head_dim), and one of them is exact.
+    with pytest.raises(fxindex.EditError, match="widths that work here: 36, 60, 72, 84"):
+        fxindex.resize(gm, "attn.to_qkv", 56)
+    five_heads = fxindex.resize(gm, "attn.to_qkv", 60)
+    assert five_heads.get_parameter("attn.relative_position_bias_table").shape[1] == 5
+    torch.testing.assert_close(five_heads(x), model(x))
 
 
 class EinsumMix(nn.Module):

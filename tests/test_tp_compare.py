@@ -81,11 +81,21 @@ EXPECTED: list[tuple[str, str, str, str, str]] = [
     (
         "swin_tiny_patch4_window7_224",
         r"attn\.qkv$",
-        "PropagationError",
+        "PropagationError|EditError",
         r"reshapes the dimension of width \d+ into 3x\d+x\d+",
         "qkv's outputs are reshaped into (3, heads, head_dim) with head_dim=-1: Torch-Pruning keeps the first 3/4 of "
         "the 3*heads*head_dim features and the -1 lets the reshape re-cut them, so its q takes k's features (a model "
         "that runs but is not a pruning of those channels); fxindex refuses the reshape it cannot split",
+    ),
+    (
+        "swin_tiny_patch4_window7_224",
+        r"attn\.qkv$",
+        "mismatch",
+        "",
+        "Torch-Pruning removes the same indices from each of q, k and v; where what is left is whole heads (the "
+        "first 3 of 12), fxindex keeps those heads (num_heads 12 -> 3, head_dim 32) and Torch-Pruning's -1 re-cuts "
+        "the 96 features into 12 heads of 8: fxindex's result is the hand-pruned model's "
+        "(test_whole_heads_of_timm_window_attention_match_a_hand_pruning)",
     ),
 ]
 
@@ -158,7 +168,7 @@ def prune_with_tp(model: nn.Module, target: str, removed: list[int], x: torch.Te
 
 def expected_for(model: str, site: str, kind: str, message: str) -> tuple | None:
     for entry in EXPECTED:
-        if entry[0] == model and re.search(entry[1], site) and entry[2] == kind and re.search(entry[3], message):
+        if entry[0] == model and re.search(entry[1], site) and re.fullmatch(entry[2], kind) and re.search(entry[3], message):
             return entry
     return None
 
@@ -231,3 +241,42 @@ def test_torch_pruning_comparison_summary() -> None:
     )
     unexpected = [r for r in ROWS if r.verdict == "tp_only" and expected_for(r.model, r.site.split(":", 1)[1], r.fx.split(":")[0], r.fx) is None]
     assert not unexpected, unexpected
+
+
+class WindowAttentionStage(nn.Module):
+    """Linear -> timm's Swin ``WindowAttention`` (4 heads of 6, 2x2 windows) -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.models.swin_transformer import WindowAttention
+
+        self.inp = nn.Linear(5, 24)
+        self.attn = WindowAttention(24, 4, window_size=(2, 2))
+        self.out = nn.Linear(24, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.attn(self.inp(x)))
+
+
+def test_whole_heads_of_timm_window_attention_match_a_hand_pruning() -> None:
+    """The ``mismatch`` row of EXPECTED: fxindex keeps whole heads exactly; Torch-Pruning re-cuts them."""
+    torch.manual_seed(0)
+    model = WindowAttentionStage().eval()
+    x = torch.randn(3, 4, 5)  # (windows, tokens of a 2x2 window, features)
+    gm = fxindex.trace(model, example_inputs=(x,))
+    keep = [part * 24 + c for part in range(3) for c in range(12)]  # heads 0 and 1 of q, k and v
+    pruned = resize(gm, "attn.qkv", keep=keep)
+    pruned.graph.lint()
+    hand = copy.deepcopy(model)
+    with torch.no_grad():
+        attn = hand.attn
+        qkv, proj = nn.Linear(24, 36), nn.Linear(12, 24)
+        qkv.weight.copy_(attn.qkv.weight[keep]), qkv.bias.copy_(attn.qkv.bias[keep])
+        proj.weight.copy_(attn.proj.weight[:, :12]), proj.bias.copy_(attn.proj.bias)
+        attn.qkv, attn.proj, attn.num_heads = qkv, proj, 2
+        attn.relative_position_bias_table = nn.Parameter(attn.relative_position_bias_table[:, :2].clone())
+    torch.testing.assert_close(forward(pruned, x), forward(hand, x))
+    # Torch-Pruning, asked to remove the same indices of each third, keeps the same weights but 4 heads of 3.
+    tp_out, removed = prune_with_tp(model, "attn.qkv", list(range(12, 24)), x)
+    assert removed == sorted(set(range(72)) - set(keep))
+    assert not torch.allclose(tp_out, forward(hand, x), atol=1e-4)

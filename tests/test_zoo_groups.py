@@ -13,6 +13,11 @@ one of these must happen, else the test fails:
   shape. ``extra`` is 8, or the smallest multiple of the group's equal
   blocks above 8 (a grouped convolution, attention heads); then ``+8``
   itself must be refused with an EditError that says which widths work.
+  Where the group's structure takes neither (a fused q, k, v of heads x
+  head_dim), the refusal must list the widths that work (each one solved by
+  fxindex) and the sweep widens to the smallest larger one; where the L1
+  ``keep=`` cuts through blocks that must change alike (heads), it keeps
+  the first 3/4 of every block, as the refusal says. Both are noted.
 - **refused**: a PropagationError / EditError whose message names the node
   (``node '...'``) that blocks the group.
 
@@ -170,6 +175,12 @@ def names_a_node(error: Exception, graph_module: fx.GraphModule) -> bool:
     return bool(quoted & names) or bool(quoted & {str(n.target) for n in graph_module.graph.nodes})
 
 
+def listed_widths(error: Exception) -> list[int]:
+    """The widths a refusal lists as working ("widths that work here: 36, 60"), else none."""
+    found = re.search(r"widths that work here: ([\d, ]+)", str(error))
+    return [int(w) for w in found.group(1).replace(" ", "").split(",") if w] if found else []
+
+
 def reason_of(error: Exception) -> str:
     text = str(error)
     for pattern, reason in KNOWN_GAPS:
@@ -193,7 +204,17 @@ def check_site(gm: fx.GraphModule, inputs: tuple, reference: torch.Tensor, index
             with pytest.raises(EditError, match="multiple of"):
                 resize(gm, index, width + EXTRA)
             outcome.notes.append(f"+{EXTRA} refused ({blocks} equal blocks); widened by +{extra}")
-        plan = plan_resize(gm, index, width + extra)
+        try:
+            plan = plan_resize(gm, index, width + extra)
+        except EditError as error:
+            # A width no structure of the group takes (q, k and v of heads x head_dim): the refusal
+            # must list widths that work (each checked by fxindex); widen to the smallest larger one.
+            larger = [w for w in listed_widths(error) if w > width]
+            if not larger:
+                raise
+            extra = min(larger) - width
+            outcome.notes.append(f"+{EXTRA} refused with the widths that work; widened by +{extra}, the first listed")
+            plan = plan_resize(gm, index, width + extra)
         preserving = plan.preserves_function and found.preserves_function
         norms = [m for m in found.members if m.role == "carrier" and re.search(r"LayerNorm|GroupNorm|group_norm|layer_norm", m.detail)]
         assert not (norms and preserving), f"{label}: the group holds {norms[0].name} but the plan says preserving"
@@ -215,7 +236,18 @@ def check_site(gm: fx.GraphModule, inputs: tuple, reference: torch.Tensor, index
         else:
             outcome.notes.append("not preserving (plan says so)")
         keep = pruned_keep(entry.module, width, blocks)
-        narrow = resize(gm, index, keep=keep)
+        try:
+            narrow = resize(gm, index, keep=keep)
+        except EditError as error:
+            # keep= by L1 norm cut through heads that must change alike (a reshape into heads x head_dim):
+            # as the refusal says, keep the same 3/4 of every block instead.
+            cut = re.search(r"\((\d+) blocks of (\d+)", str(error))
+            if not cut or width % int(cut.group(2)):
+                raise
+            size = int(cut.group(2))
+            keep = [b * size + j for b in range(width // size) for j in range(max(1, 3 * size // 4))]
+            outcome.notes.append(f"L1 keep= refused (cuts through blocks of {size}); kept the first 3/4 of every block alike")
+            narrow = resize(gm, index, keep=keep)
         out = run(narrow, inputs)
         expected = reference.shape[:-1] + (len(keep),) if changes_output else reference.shape
         assert out.shape == expected, f"{label}: narrowed output {tuple(out.shape)}, expected {tuple(expected)}"
