@@ -360,8 +360,10 @@ def _copy(graph_module: fx.GraphModule, share_tensors: bool = False) -> fx.Graph
 
     With ``share_tensors`` the copy's modules are new objects holding the same
     parameter and buffer tensors: enough to install a plan and check that the
-    result runs (shape checks touch no tensor), at no memory cost. In-place
-    resizes check on such a copy before touching the caller's model.
+    result runs (shape checks touch no tensor), at no memory cost. An
+    in-place resize of a plain module checks on such a copy, which is then
+    written back into the module's own tree (a GraphModule is checked on a
+    :func:`~fxindex._couple.trial_view`, which copies no layer).
     """
     restore_meta(graph_module)
     memo: dict[int, Any] = {}
@@ -452,11 +454,15 @@ def plan_resize(
 ) -> Plan:
     """What :func:`resize` would do, without doing it: every member it rebuilds or rewrites.
 
-    Takes :func:`resize`'s arguments (but never ``inplace``). Like
-    :func:`resize`, it installs the plan on a copy that shares the model's
-    tensors and re-records the shapes, so a plan it returns runs (a
+    Like :func:`resize`, it installs the plan where the model cannot see it
+    (a view sharing the model's layers, with its own containers and graph)
+    and re-records the shapes, so a plan it returns runs (a
     ``PropagationError`` "the resized graph does not run" otherwise); the
     model is only read.
+
+    Args:
+        model, index, width, keep, example_inputs: as for :func:`resize`
+            (there is no ``inplace``).
         rules: rules in effect for this call only, before the registered ones
             (``{MyLayer: my_rule}``; see :func:`fxindex.rules.using`).
 
@@ -552,8 +558,12 @@ def resize(
             # Install into the caller's GraphModule (or the trace of a plain module), never into a shape view.
             target = model if isinstance(model, fx.GraphModule) else source
             inputs = _check_inputs(source, example_inputs)
-            result = _copy(target, share_tensors=inplace)
-            apply_plan(result, plan)
+            if inplace and isinstance(model, fx.GraphModule):
+                # Checked on a view first (no copy of a layer): the caller's module changes only once it runs.
+                result = trial_view(target, plan)
+            else:
+                result = _copy(target, share_tensors=inplace)
+                apply_plan(result, plan)
             if inputs is not None:
                 _check_runs(result, inputs)
             if inplace and not isinstance(model, fx.GraphModule):

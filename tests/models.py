@@ -15,6 +15,7 @@ Helpers:
         state_dict and the module names, and the check that they did not change.
     parameter_pointers(module) -> set of data_ptr of every parameter and buffer.
     call_module_targets(gm) -> the call_module targets in graph order.
+    listed_widths(error) -> the widths a resize's refusal lists as working ("widths that work here: 36, 60").
     randomise_bn(model) -> model, with non-trivial BatchNorm statistics and affine parameters.
     single_thread()  context manager: one intra-op thread while tiny models run (a
         module-scoped autouse fixture in each test file uses it; the old setting is restored).
@@ -28,6 +29,7 @@ FlattenNet, SharedNet, HeadNet (see each docstring).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +46,7 @@ __all__ = [
     "assert_unchanged",
     "parameter_pointers",
     "call_module_targets",
+    "listed_widths",
     "Fn",
     "Chain",
     "MLP",
@@ -79,6 +82,12 @@ def real_metas(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> dict[str, Any]:
     copy = fx.GraphModule(gm, graph)
     ShapeProp(copy).propagate(*inputs)
     return {node.name: metadata_key(node.meta.get("tensor_meta")) for node in copy.graph.nodes}
+
+
+def listed_widths(error: BaseException) -> list[int]:
+    """The widths a refusal lists as working (``"widths that work here: 36, 60"``), each checked by fxindex; else none."""
+    found = re.search(r"widths that work here: ([\d, ]+)", str(error))
+    return [int(w) for w in found.group(1).replace(" ", "").split(",") if w] if found else []
 
 
 def recorded_metas(gm: fx.GraphModule) -> dict[str, Any]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 from typing import Any
 
 import pytest
@@ -29,6 +28,7 @@ from torch import nn
 
 import fxindex
 from fxindex._replace import apply_plan
+from models import listed_widths
 
 FULL_ZOO = os.environ.get("FXINDEX_FULL_ZOO") == "1"
 EXTRA = 8
@@ -107,17 +107,13 @@ def _traced(name: str) -> tuple[torch.fx.GraphModule, tuple[torch.Tensor, ...], 
     return gm, inputs, reference
 
 
-_WORKING = re.compile(r"widths that work here: ([\d, ]+)")
-
-
 def _structured_widening(gm: torch.fx.GraphModule, site: int, old: int) -> tuple[torch.fx.GraphModule, Any] | None:
     """Where 8 more outputs cannot be had (a fused qkv: q, k, v x heads x head_dim), ``resize`` to the
     smallest larger width its refusal lists as working (checked by fxindex, not estimated); new outputs zero."""
     try:
         plan = fxindex.plan_resize(gm, site, old + 8)
     except fxindex.FxIndexError as error:
-        found = _WORKING.search(str(error))
-        larger = [int(w) for w in found.group(1).replace(" ", "").split(",") if w and int(w) > old] if found else []
+        larger = [w for w in listed_widths(error) if w > old]
         if not larger:
             return None
         plan = fxindex.plan_resize(gm, site, min(larger))

@@ -1072,6 +1072,12 @@ def test_narrowing_to_one_channel_after_channels_last_refuses_or_runs() -> None:
         # The dry run says the same: a plan that claims to work must run.
         with pytest.raises(fxindex.PropagationError, match="does not run.*'view'"):
             fxindex.plan_resize(model, "fc", keep=[0], example_inputs=x)
+        # And in place on a trace (checked on a view first): refused, the GraphModule as it was.
+        gm = fxindex.trace(model, example_inputs=x)
+        gm_code, weight = gm.code, gm.fc.weight.detach().clone()
+        with pytest.raises(fxindex.PropagationError, match="does not run.*'view'"):
+            fxindex.resize(gm, "fc", keep=[0], inplace=True)
+        assert gm.code == gm_code and gm.fc.out_features == 2 and torch.equal(gm.fc.weight, weight)
     else:
         assert narrow.fc.out_features == narrow.conv.in_channels == 1
         with torch.no_grad():

@@ -24,6 +24,7 @@ from torch import nn
 
 import fxindex
 from fxindex._errors import EditError, PropagationError
+from models import listed_widths
 
 C = 16  # channels of the shuffled stream; each half is C // 2
 
@@ -173,7 +174,7 @@ def test_a_width_the_nested_halves_cannot_take_is_refused_with_the_widths_that_w
         fxindex.resize(gm, "unit1.branch2.5", C // 2 + 2)
     message = str(caught.value)
     assert "node '" in message and "widths that work here: " in message
-    listed = [int(w) for w in message.rsplit("widths that work here: ", 1)[1].split(", ")]
+    listed = listed_widths(caught.value)
     assert listed and all(w % 4 == 0 for w in listed), message
     for width in listed:
         assert fxindex.resize(gm, "unit1.branch2.5", width).get_submodule("unit1.branch2.5").out_channels == width

@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 import zoo
+from models import listed_widths
 from torch import fx, nn
 
 import fxindex
@@ -174,12 +175,6 @@ def names_a_node(error: Exception, graph_module: fx.GraphModule) -> bool:
     names = {node.name for node in graph_module.graph.nodes}
     quoted = set(re.findall(r"'([^']+)'", str(error)))
     return bool(quoted & names) or bool(quoted & {str(n.target) for n in graph_module.graph.nodes})
-
-
-def listed_widths(error: Exception) -> list[int]:
-    """The widths a refusal lists as working ("widths that work here: 36, 60"), else none."""
-    found = re.search(r"widths that work here: ([\d, ]+)", str(error))
-    return [int(w) for w in found.group(1).replace(" ", "").split(",") if w] if found else []
 
 
 def reason_of(error: Exception) -> str:

@@ -24,9 +24,15 @@ from fxindex.rules.registry import ChannelChange, Outcome, Step, argument, regis
 FLATTEN_ATEN = aten_overloads("flatten.using_ints")
 VIEW_ATEN = aten_overloads("view.default", "reshape.default", "_unsafe_view.default")
 PERMUTE_ATEN = aten_overloads("permute.default")
-# swapaxes and swapdims are transpose's aliases (MaxViT's partitions use torch.swapaxes).
-TRANSPOSE_ATEN = (
-    torch.swapaxes, torch.swapdims, "swapaxes", "swapdims", *aten_overloads("transpose.int", "swapaxes.default", "swapdims.default")
+# transpose and its aliases swapaxes and swapdims (MaxViT's partitions use torch.swapaxes), in every form.
+TRANSPOSES = (
+    "transpose",
+    torch.transpose,
+    torch.swapaxes,
+    torch.swapdims,
+    "swapaxes",
+    "swapdims",
+    *aten_overloads("transpose.int", "swapaxes.default", "swapdims.default"),
 )
 
 
@@ -178,7 +184,7 @@ def swapped_dims(node: fx.Node) -> tuple[Any, Any]:
     )
 
 
-@register_rule("transpose", torch.transpose, *TRANSPOSE_ATEN)
+@register_rule(*TRANSPOSES)
 def propagate_transpose(step: Step) -> Outcome:
     change = step.input_change()
     rank = step.rank(step.node.args[0]) or change.rank

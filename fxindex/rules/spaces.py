@@ -42,7 +42,7 @@ from fxindex.rules.elementwise import (
 from fxindex.rules.join import _BINARY, CAT_ATEN
 from fxindex.rules.rebuild import rebuild
 from fxindex.rules.registry import argument, remap
-from fxindex.rules.reshape import TRANSPOSE_ATEN, _shape_arguments, group_dimensions, swapped_dims
+from fxindex.rules.reshape import TRANSPOSES, _shape_arguments, group_dimensions, swapped_dims
 from fxindex._shapes import TensorMetadata
 from fxindex._spaces import (
     Dims,
@@ -1183,7 +1183,12 @@ def _refine(
 
 @register_space_rule("view", "reshape", torch.reshape, *aten_overloads("view.default", "reshape.default", "_unsafe_view.default"))
 def relate_view(context: SpaceContext) -> None:
-    """A reshape regroups runs of dims; its size constants follow the widths they state."""
+    """A reshape regroups runs of dims; its size constants follow the widths they state.
+
+    A size read at run time from another tensor's shape (``x.shape[k]``,
+    ``x.size(k)``) follows the width the reshaped dim has whenever that tensor's
+    dim and the reshaped dim stop matching (see ``_rebuild_view``).
+    """
     result = _regroup(context)
     if result is None:
         return
@@ -1256,7 +1261,7 @@ def relate_permute(context: SpaceContext) -> None:
     context.output(tuple(dims[d % len(dims)] for d in order))
 
 
-@register_space_rule("transpose", torch.transpose, *TRANSPOSE_ATEN)
+@register_space_rule(*TRANSPOSES)
 def relate_transpose(context: SpaceContext) -> None:
     """``transpose`` and its aliases ``swapaxes``/``swapdims``: two dims trade places."""
     _, dims = _input(context)
